@@ -1,0 +1,3 @@
+from tokcli.cli.app import main
+
+main()

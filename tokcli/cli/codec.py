@@ -1,0 +1,98 @@
+"""`tok encode`, `tok decode`, `tok reconstruct`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from tokcli.cli.common import (BatchOpt, DeviceOpt, ModelOpt, QuietOpt, SeedOpt, SizeOpt, SkipOpt, WorkersOpt,
+                               cli_errors, err, report_failures)
+
+InputsArg = Annotated[list[str], typer.Argument(help="image files and/or folders (searched recursively); "
+                                                     "- reads a list of paths from stdin")]
+
+
+def _load(model: Optional[str], device: str):
+    import tokcli
+    from tokcli.core.device import exact_math
+
+    exact_math()
+    return tokcli.load(model, device=device)
+
+
+def _items(inputs: list[str]):
+    from tokcli.core.images import collect_inputs
+
+    return collect_inputs(inputs, stdin=sys.stdin if "-" in inputs else None)
+
+
+def encode_cmd(
+    inputs: InputsArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="token file to write (.npz), - for stdout")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 8,
+    workers: WorkersOpt = 0,
+    image_size: SizeOpt = None,
+    skip_errors: SkipOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Encode images (ADM centre crop to the model size) into one self-describing token file."""
+    with cli_errors():
+        from tokcli import pipeline
+
+        items = _items(inputs)
+        tok = _load(model, device)
+        res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
+                              batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
+        if output != "-":
+            err(f"encoded {len(res.keys)} image(s) with {tok.name} -> {output}")
+        report_failures(res.errors)
+
+
+def decode_cmd(
+    tokens: Annotated[str, typer.Argument(help="token file (.npz), sharded set folder, or - for stdin")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder for the PNGs (mirrors the keys)")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model to decode with [default: the one "
+                                                                       "named in the token file]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="decode even if the weights' sha256 differs")] = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+):
+    """Decode a token file back to PNG images."""
+    with cli_errors():
+        from tokcli import pipeline
+        from tokcli.core.tokens import read_token_file
+
+        tf = read_token_file(tokens)
+        tok = _load(model or tf.header.get("model"), device)
+        res = pipeline.decode(tok, tf, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet)
+        err(f"decoded {len(res.written)} image(s) with {tok.name} -> {output}")
+
+
+def reconstruct_cmd(
+    inputs: InputsArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="folder for the PNGs (mirrors the input tree)")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 8,
+    workers: WorkersOpt = 0,
+    image_size: SizeOpt = None,
+    seed: SeedOpt = 0,
+    skip_errors: SkipOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Encode then decode images (same code path as encode + decode), writing PNGs that mirror the input tree."""
+    with cli_errors():
+        from tokcli import pipeline
+
+        items = _items(inputs)
+        tok = _load(model, device)
+        res = pipeline.reconstruct(tok, items, output, image_size=image_size, batch_size=batch_size,
+                                   workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet)
+        err(f"reconstructed {len(res.written)} image(s) with {tok.name} -> {output}")
+        report_failures(res.errors)

@@ -1,0 +1,74 @@
+"""Shared CLI plumbing: one-line errors with the right exit code, common options, stdout/stderr helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from typing import Annotated, Any, Iterator
+
+import typer
+
+from tokcli.errors import TokError
+
+# Common options (Annotated aliases keep every command's signature short and consistent).
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="registry name, local-dir:PATH, hf-hub:org/repo or a "
+                                                               "model folder [default: the shipped wetok-tiny]")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="images per forward pass")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="image-decoding threads (0 = main thread)")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed for stochastic decoders and sampling")]
+SizeOpt = Annotated[int, typer.Option("--image-size", min=8,
+                                      help="ADM centre-crop size [default: the model's]")]
+SkipOpt = Annotated[bool, typer.Option("--skip-errors", help="process the good inputs, list failures at the end "
+                                                              "(the exit code is still 1)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn library errors into `error: ...` on stderr and the error's exit code; no traceback for users.
+
+    Unexpected exceptions (bugs) also print one line; set TOK_DEBUG=1 to see the traceback.
+    """
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except TokError as e:
+        err(f"error: {e}")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err("interrupted")
+        raise typer.Exit(130) from None
+    except MemoryError:
+        err("error: out of memory (try a smaller --batch-size)")
+        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if os.environ.get("TOK_DEBUG"):
+            traceback.print_exc()
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            err(f"error: internal {type(e).__name__}: {msg} (set TOK_DEBUG=1 for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def report_failures(errors: list[tuple[str, str]]) -> None:
+    """List every input that failed (with --skip-errors) and exit 1: nothing is dropped silently."""
+    if not errors:
+        return
+    err(f"{len(errors)} input(s) failed:")
+    for key, msg in errors:
+        err(f"  {key}: {msg}")
+    raise typer.Exit(1)

@@ -1,0 +1,50 @@
+"""Family lookup: a family is a module exposing ``FAMILY``, ``build(model_args) -> Tokenizer`` and
+``convert(...)`` (official checkpoint -> model folder). Families never import each other."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from tokcli.errors import TokError
+
+_FAMILIES = {
+    "wetok": "tokcli.families.wetok",
+}
+
+
+def family_names() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> ModuleType:
+    try:
+        mod = _FAMILIES[name]
+    except KeyError:
+        raise TokError(f"unknown tokenizer family {name!r} (known: {', '.join(family_names())})") from None
+    return importlib.import_module(mod)
+
+
+def build_from_folder(folder, device: str = "cpu"):
+    """Instantiate the family's model from a ModelFolder and load its weights strictly."""
+    fam = get_family(folder.family)
+    model = fam.build(folder.config["model_args"])
+    sd = folder.state_dict()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise TokError(f"weights in {folder.weights_path} do not match the {folder.family} model described by its "
+                       f"config.json (missing {len(missing)} tensors e.g. {missing[:3]}, unexpected {len(unexpected)} "
+                       f"e.g. {unexpected[:3]})")
+    model.name = folder.name
+    model.sha256 = folder.sha256
+    model.source = str(folder.path)
+    model.decode_defaults = dict(folder.config.get("decode", {}))
+    return model.to(device).eval()
+
+
+def registry_entries():
+    """All families' built-in registry entries (ModelEntry objects)."""
+    out = []
+    for mod in _FAMILIES.values():
+        out.extend(importlib.import_module(mod + ".registry").REGISTRY)
+    return out

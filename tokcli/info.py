@@ -1,0 +1,52 @@
+"""`tok info`: describe a token file or a model folder (JSON-ready dicts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def describe_token_file(path: str) -> dict[str, Any]:
+    from tokcli.core.tokens import bytes_report, read_token_file
+
+    tf = read_token_file(path)
+    arr = tf.array
+    out: dict[str, Any] = {
+        "type": "token_file",
+        "path": path,
+        "header": tf.header,
+        "count": len(tf.keys),
+        "kind": tf.kind,
+        "array": {"shape": list(arr.shape), "dtype": str(arr.dtype)},
+        "keys_sample": list(tf.keys[:5]),
+    }
+    if path != "-":
+        out["bytes"] = bytes_report(path)
+    return out
+
+
+def describe_model(name_or_path: str, verify: bool = False) -> dict[str, Any]:
+    from tokcli.core.registry import resolve
+
+    folder = resolve(name_or_path)
+    out: dict[str, Any] = {
+        "type": "model_folder",
+        "path": str(folder.path),
+        "name": folder.name,
+        "family": folder.family,
+        "config": folder.config,
+        "weights_bytes": folder.weights_path.stat().st_size,
+    }
+    if verify:
+        out["sha256_ok"] = folder.verify()
+    return out
+
+
+def describe_path(path: str, verify: bool = False) -> dict[str, Any]:
+    p = Path(path)
+    if path == "-" or (p.is_file() and p.suffix == ".npz") or (p.is_dir() and (p / "manifest.json").is_file()):
+        return describe_token_file(path)
+    if p.is_file():
+        # any other file: try it as a token file (gives a clear error if it is not one)
+        return describe_token_file(path)
+    return describe_model(path, verify=verify)

@@ -1,0 +1,196 @@
+"""The library side of `tok encode / decode / reconstruct`: images -> tokens -> images, batched, with every
+failure reported. The CLI only parses options and calls these functions.
+
+Determinism: tokens do not depend on batch size; stochastic decoders draw each image's noise from its own
+generator seeded with ``seed + index`` (index = position in the token file), so results replay exactly whatever the
+batching.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from tokcli import __version__
+from tokcli.errors import TokError, TokUsageError
+
+
+@dataclass
+class Result:
+    keys: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    tokens: np.ndarray | None = None
+
+
+def image_size_for(model, image_size: int | None) -> int:
+    pre = model.preprocess
+    size = int(image_size or pre["image_size"])
+    m = int(pre.get("multiple_of", 1))
+    if size % m:
+        raise TokUsageError(f"--image-size {size} is not a multiple of {m} (the model's downsample factor)")
+    return size
+
+
+def model_ref(name_or_path: str | None, model) -> str:
+    """How a token file names its model: the registry name, or local-dir:<absolute path>."""
+    from tokcli.core.registry import DEFAULT_MODEL
+
+    ref = name_or_path or DEFAULT_MODEL
+    p = Path(ref[len("local-dir:"):] if ref.startswith("local-dir:") else ref).expanduser()
+    if ref.startswith("local-dir:") or p.is_dir():
+        return "local-dir:" + str(p.resolve())
+    return ref
+
+
+def token_header(model, ref: str, size: int) -> dict[str, Any]:
+    spec = model.spec.to_dict()
+    spec["shape"] = list(model.spec.shape_for(size, size))
+    pre = dict(model.preprocess)
+    pre["image_size"] = size
+    return {
+        "model": ref,
+        "model_sha256": model.sha256,
+        "family": model.family,
+        "tokens": spec,
+        "preprocess": pre,
+        "tok_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_header(model, header: dict[str, Any], *, force: bool = False) -> int:
+    """Refuse a token file made by another model; return the image size it was encoded at."""
+    fam = header.get("family")
+    if fam != model.family:
+        raise TokError(f"token file was made by a {fam!r} model, not {model.family!r} ({model.name})")
+    t = header.get("tokens", {})
+    mine = model.spec
+    for k in ("kind", "codebook_size", "bits", "latent_dim", "downsample"):
+        if t.get(k) != getattr(mine, k):
+            raise TokError(f"token file spec {k}={t.get(k)!r} does not match model {model.name} ({getattr(mine, k)!r})")
+    size = int(header.get("preprocess", {}).get("image_size", model.preprocess["image_size"]))
+    if list(t.get("shape", [])) != list(mine.shape_for(size, size)):
+        raise TokError(f"token shape {t.get('shape')} does not match model {model.name} at {size}px "
+                       f"({list(mine.shape_for(size, size))})")
+    sha = header.get("model_sha256")
+    if not force and sha and model.sha256 and sha != model.sha256:
+        raise TokError(f"token file was made by model weights {sha[:12]}…, but {model.name} has {model.sha256[:12]}… "
+                       "(a different checkpoint; --force decodes anyway)")
+    return size
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res: Result):
+    """Yield (keys, uint8 images, token tensor) for each batch of good images."""
+    import torch
+
+    from tokcli.core.images import iter_batches, to_tensor
+
+    bar = _progress(len(items), "encode", quiet)
+    try:
+        for keys, imgs in iter_batches(items, size, batch_size, skip_errors=skip_errors, errors=res.errors,
+                                       workers=workers):
+            x = to_tensor(imgs).to(model.device)
+            with torch.inference_mode():
+                tok = model.encode(x)
+            yield keys, imgs, tok
+            bar.update(len(keys))
+        bar.update(len(items) - bar.n)
+    finally:
+        bar.close()
+
+
+def encode(model, items, *, ref: str, output: str | Path, image_size: int | None = None, batch_size: int = 8,
+           workers: int = 0, skip_errors: bool = False, quiet: bool = False) -> Result:
+    """Encode images to a token file written atomically at ``output`` (``-`` = stdout)."""
+    from tokcli.core.tokens import write_token_file
+
+    size = image_size_for(model, image_size)
+    res = Result()
+    chunks = []
+    for keys, _, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
+        res.keys.extend(keys)
+        chunks.append(tok.cpu().numpy())
+    if not res.keys:
+        raise TokError("no image could be encoded" + (f" ({len(res.errors)} failed)" if res.errors else ""))
+    res.tokens = np.concatenate(chunks)
+    kind = model.spec.kind
+    write_token_file(output, header=token_header(model, ref, size), keys=res.keys, **{kind: res.tokens})
+    return res
+
+
+def _decode_batch(model, tokens: np.ndarray, start: int, seed: int):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(tokens))
+    t = t.long() if model.spec.kind == "indices" else t.float()
+    t = t.to(model.device)
+    with torch.inference_mode():
+        if model.stochastic_decoder:
+            seeds = [seed + start + i for i in range(len(tokens))]
+            return model.decode(t, seed=seeds)
+        return model.decode(t)
+
+
+def _write_pngs(out_dir: Path, keys: Iterable[str], images, res: Result) -> None:
+    from tokcli.core.images import output_path, save_png, to_uint8
+
+    arr = to_uint8(images)
+    for key, img in zip(keys, arr):
+        dest = output_path(out_dir, key)
+        save_png(img, dest)
+        res.written.append(dest)
+
+
+def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed: int = 0, force: bool = False,
+           quiet: bool = False) -> Result:
+    """Decode a token file (already read) into PNGs under ``out_dir``, mirroring the keys."""
+    check_header(model, token_file.header, force=force)
+    res = Result(keys=list(token_file.keys))
+    arr = token_file.array
+    out_dir = Path(out_dir)
+    bar = _progress(len(arr), "decode", quiet)
+    try:
+        for s in range(0, len(arr), batch_size):
+            imgs = _decode_batch(model, arr[s:s + batch_size], s, seed)
+            _write_pngs(out_dir, res.keys[s:s + batch_size], imgs, res)
+            bar.update(len(imgs))
+    finally:
+        bar.close()
+    return res
+
+
+def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = None, batch_size: int = 8,
+                workers: int = 0, seed: int = 0, skip_errors: bool = False, quiet: bool = False,
+                keep: bool = False) -> Result:
+    """encode -> decode through exactly the code path of `tok encode` + `tok decode` (bit-identical results).
+
+    With ``keep`` the uint8 originals (after the crop) and reconstructions are kept in ``res.pairs`` for metrics.
+    """
+    size = image_size_for(model, image_size)
+    res = Result()
+    res.pairs = [] if keep else None  # type: ignore[attr-defined]
+    out_dir = Path(out_dir) if out_dir is not None else None
+    for keys, imgs, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
+        start = len(res.keys)
+        res.keys.extend(keys)
+        recon = _decode_batch(model, tok.cpu().numpy(), start, seed)
+        if out_dir is not None:
+            _write_pngs(out_dir, keys, recon, res)
+        if keep:
+            from tokcli.core.images import to_uint8
+
+            res.pairs.append((imgs, to_uint8(recon), tok.cpu().numpy()))  # type: ignore[attr-defined]
+    if not res.keys:
+        raise TokError("no image could be reconstructed" + (f" ({len(res.errors)} failed)" if res.errors else ""))
+    return res
