@@ -159,6 +159,9 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
     res = Result(keys=list(token_file.keys))
     arr = token_file.array
     out_dir = Path(out_dir)
+    from tokcli.core.images import output_paths
+
+    output_paths(out_dir, res.keys)
     bar = _progress(len(arr), "decode", quiet)
     try:
         for s in range(0, len(arr), batch_size):
@@ -181,6 +184,10 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
     res = Result()
     res.pairs = [] if keep else None  # type: ignore[attr-defined]
     out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        from tokcli.core.images import output_paths
+
+        output_paths(out_dir, [it.key for it in items])  # two inputs that would write one PNG: refuse up front
     for keys, imgs, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
         start = len(res.keys)
         res.keys.extend(keys)

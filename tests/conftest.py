@@ -1,0 +1,77 @@
+"""Shared fixtures: small random WeTok model folders and synthetic image trees (no network, fast on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY = Path(os.environ.get("TOK_PARITY_DIR", REPO.parent / "shared" / "parity"))
+
+TINY_ARGS = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 16, "groups": 2,
+             "codebook_size": 256, "generative_decoder": False, "image_size": 32}
+
+
+def make_model_folder(dest: Path, args: dict, seed: int = 0, name: str | None = None) -> Path:
+    import torch
+
+    from tokcli.core.checkpoint import save_model_folder
+    from tokcli.families import get_family
+
+    torch.manual_seed(seed)
+    model = get_family("wetok").build(args)
+    save_model_folder(dest, family="wetok", model_args=args, tokens=model.spec.to_dict(),
+                      preprocess=model.preprocess, state_dict=model.state_dict(), name=name or dest.name,
+                      provenance={"source": f"random init, seed {seed} (test fixture)"})
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("models") / "tiny", TINY_ARGS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_other(tmp_path_factory) -> Path:
+    """Same architecture, different weights (another checkpoint)."""
+    return make_model_folder(tmp_path_factory.mktemp("models") / "tiny-other", TINY_ARGS, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gd_model(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("models") / "tiny-gd",
+                             dict(TINY_ARGS, generative_decoder=True), seed=2)
+
+
+def write_images(root: Path, n: int = 5, size=(40, 48), seed: int = 0) -> Path:
+    """n smooth random RGB images, some in a nested folder, as PNG and JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size[1], size[0]), Image.BICUBIC)
+        path = root / ("sub" if i % 2 else "") / f"img{i}.{'jpg' if i == 3 else 'png'}"
+        img.save(path)
+    return root
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return write_images(tmp_path / "imgs")
+
+
+def run_tok(*args, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None):
+    """Run the real console entry point in a subprocess (what a user types)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tokcli", *map(str, args)], input=input, capture_output=True,
+                          env=e, cwd=cwd or REPO, timeout=600)

@@ -1,0 +1,124 @@
+"""metrics/: PSNR, SSIM (against hand numbers and skimage), codebook usage, bits per pixel."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tokcli.core.tokens import TokenFile
+from tokcli.metrics.image import mean_psnr, mse, psnr, ssim
+from tokcli.metrics.usage import (UsageCounter, bits_per_pixel, bpp_report, codebook_usage,
+                                  token_bits_per_image)
+
+
+def _imgs(n=2, h=32, w=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_psnr_hand_values():
+    a = np.full((2, 8, 8, 3), 100, np.uint8)
+    b = a.copy()
+    b[0] += 1                      # off by one everywhere: MSE 1
+    b[1, 0, 0, 0] += 10            # one value off by 10: MSE 100 / 192
+    p = psnr(a, b)
+    assert p[0] == pytest.approx(20 * math.log10(255), abs=1e-12)
+    assert p[0] == pytest.approx(48.1308036, abs=1e-6)
+    assert p[1] == pytest.approx(10 * math.log10(255 ** 2 / (100 / 192)), abs=1e-12)
+    assert mse(a, b).tolist() == [1.0, 100 / 192]
+    assert psnr(a, a).tolist() == [math.inf, math.inf]
+    assert psnr(a[0], b[0]).shape == (1,)     # one HWC image
+    # uint8 arithmetic must not wrap: 0 vs 255 is the worst case, PSNR 0
+    assert psnr(np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8))[0] == 0.0
+
+
+def test_mean_psnr_caps_infinity():
+    assert mean_psnr([math.inf, 40.0]) == 70.0
+    assert mean_psnr([30.0, 40.0]) == 35.0
+    assert mean_psnr([120.0], cap=100) == 100.0
+    assert math.isnan(mean_psnr([]))
+
+
+def test_psnr_input_checks():
+    a = _imgs()
+    with pytest.raises(ValueError):
+        psnr(a, a[:, :-1])
+    with pytest.raises(TypeError):
+        psnr(a.astype(np.float32), a.astype(np.float32))
+
+
+def test_ssim_identical_and_constant_shift():
+    a = _imgs()
+    np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-12)
+    # constant images: variances are 0, SSIM reduces to the luminance term (2*u*v + C1) / (u^2 + v^2 + C1)
+    x = np.full((1, 16, 16, 3), 100, np.uint8)
+    y = np.full((1, 16, 16, 3), 110, np.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert ssim(x, y)[0] == pytest.approx((2 * 100 * 110 + c1) / (100 ** 2 + 110 ** 2 + c1), abs=1e-12)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(a[:, :10], a[:, :10])
+
+
+def test_ssim_matches_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    a = _imgs(2, 48, 40, seed=1)
+    noise = np.random.default_rng(2).integers(-30, 31, a.shape)
+    b = np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8)
+    b[1] = np.clip(a[1].astype(int) // 2 + 60, 0, 255)
+    ours = ssim(a, b)
+    ours_torch = ssim(a, b, device="cpu", chunk=1)   # the torch path (used on GPUs) gives the same numbers
+    for i in range(2):
+        ref = metrics.structural_similarity(a[i], b[i], gaussian_weights=True, sigma=1.5,
+                                            use_sample_covariance=False, data_range=255, channel_axis=-1)
+        assert ours[i] == pytest.approx(ref, abs=1e-9)
+        assert ours_torch[i] == pytest.approx(ref, abs=1e-9)
+        assert psnr(a[i], b[i])[0] == pytest.approx(metrics.peak_signal_noise_ratio(a[i], b[i], data_range=255),
+                                                    abs=1e-9)
+
+
+def test_codebook_usage_hand_values():
+    idx = np.array([[0, 0, 1, 1]])                 # two codes of four, equally often
+    u = codebook_usage(idx, 4)
+    assert u["used"] == 2 and u["usage"] == 0.5 and u["tokens"] == 4
+    assert u["perplexity"] == pytest.approx(2.0) and u["entropy_bits"] == pytest.approx(1.0)
+    assert "groups" not in u
+    uniform = codebook_usage(np.arange(8).reshape(2, 4), 8)
+    assert uniform["usage"] == 1.0 and uniform["perplexity"] == pytest.approx(8.0)
+    one = codebook_usage(np.full((3, 3), 5), 8)
+    assert one["perplexity"] == pytest.approx(1.0) and one["used"] == 1
+
+
+def test_codebook_usage_groups_and_streaming():
+    # [N, h, w, g] with g = 2: group 0 uses codes {0, 1}, group 1 only code 3
+    idx = np.zeros((2, 2, 2, 2), np.uint8)
+    idx[..., 0] = np.array([[0, 1], [1, 0]])
+    idx[..., 1] = 3
+    u = codebook_usage(idx, 4, group_axis=-1)
+    assert [g["used"] for g in u["groups"]] == [2, 1]
+    assert [g["usage"] for g in u["groups"]] == [0.5, 0.25]
+    assert u["groups"][0]["perplexity"] == pytest.approx(2.0)
+    assert u["used"] == 3 and u["usage"] == 0.75 and u["tokens"] == 16
+    p = np.array([4, 4, 0, 8]) / 16
+    assert u["perplexity"] == pytest.approx(math.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+    counter = UsageCounter(4, group_axis=-1)
+    counter.update(idx[:1])
+    counter.update(idx[1:])
+    assert counter.result() == u
+    with pytest.raises(ValueError):
+        codebook_usage(np.array([4]), 4)
+
+
+def test_bits_per_pixel():
+    # WeTok 16x16x4 groups of 256 codes on a 256x256 image: 1024 tokens x 8 bits / 65536 px = 0.125 bpp
+    bits = token_bits_per_image("indices", (16, 16, 4), codebook_size=256)
+    assert bits == 8192.0
+    assert bits_per_pixel(bits, 1, 256, 256) == 0.125
+    assert token_bits_per_image("bits", (256, 18)) == 256 * 18
+    assert token_bits_per_image("latents", (32, 8), latent_bits=32) == 32 * 8 * 32
+    tf = TokenFile(header={"tokens": {"kind": "indices", "shape": [16, 16, 4], "codebook_size": 256}},
+                   keys=["a", "b"], kind="indices", array=np.zeros((2, 16, 16, 4), np.uint8))
+    r = bpp_report(tf, 256, 256, file_bytes=4096)
+    assert r["token_bpp"] == 0.125 and r["file_bpp"] == 4096 * 8 / (2 * 65536)
+    with pytest.raises(ValueError):
+        bits_per_pixel(1, 0, 256, 256)

@@ -1,0 +1,144 @@
+"""Training images: random resize + random crop (+ optional flip) from folders, image files or file lists.
+
+Every batch is a pure function of (seed, micro-batch number, rank):
+
+- which images: global sample position p = (m * world_size + rank) * batch_size + j walks through a fresh
+  permutation of the data set every epoch (the permutation of epoch e is drawn from (seed, e));
+- how each is cut: scale, crop offsets and flip come from a generator seeded with (seed, m, rank).
+
+So a run resumed at step k rebuilds exactly the batches an uninterrupted run would have seen (the sampler state
+is just the micro-batch counter), and ranks never share a sample within an epoch.
+
+Caching (``data.cache = true``, the default): every image is decoded once, at start-up, and kept in memory as a
+PIL image. That suits the small data sets this project trains on (tens to thousands of photos); for ImageNet-
+sized sets set ``cache = false`` and ``workers`` > 0 so files are decoded on demand in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokcli.core.images import InputItem, collect_inputs, load_image, to_tensor
+from tokcli.errors import TokError
+from tokcli.train.recipe import DataSection
+
+_PERM_TAG = 0x5EED_0001
+_AUG_TAG = 0x5EED_0002
+
+
+def collect_training_files(roots: list[str], recursive: bool = True) -> list[InputItem]:
+    """Folders (every image under them), single image files, and ``.txt`` file lists (one path per line,
+    relative to the list's folder, ``#`` comments). Order: roots as given, each sorted by key."""
+    items: list[InputItem] = []
+    for i, root in enumerate(roots):
+        p = Path(root)
+        if p.is_file() and p.suffix.lower() == ".txt":
+            lines = [ln.split("#", 1)[0].strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+            paths = [str(p.parent / ln) for ln in lines if ln]
+            if not paths:
+                raise TokError(f"file list {p} names no images")
+            found = collect_inputs(paths, recursive=recursive)
+        else:
+            found = collect_inputs([root], recursive=recursive)
+        items.extend(InputItem(it.path, f"{i}/{it.key}") for it in found)
+    return items
+
+
+class TrainData(torch.utils.data.Dataset):
+    """Deterministic random crops; see the module docstring. ``batches(start)`` yields float [B, 3, S, S]
+    tensors in [-1, 1] for micro-batches start, start+1, ..."""
+
+    def __init__(self, cfg: DataSection, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.items = collect_training_files(cfg.roots, cfg.recursive)
+        self.images: list[Image.Image] | None = None
+        if cfg.cache:
+            self.images = [Image.fromarray(load_image(it.path)) for it in self.items]
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # --- the plan: indices and crop parameters of one micro-batch ------------------------------------------
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, _PERM_TAG, epoch]).permutation(len(self.items))
+        return self._perms[epoch]
+
+    def plan(self, micro: int) -> list[tuple[int, float, float, float, bool]]:
+        """[(image index, scale, uy, ux, flip)] for this rank's share of micro-batch ``micro``."""
+        b, n = self.cfg.batch_size, len(self.items)
+        first = (micro * self.world_size + self.rank) * b
+        rng = np.random.default_rng([self.seed, _AUG_TAG, micro, self.rank])
+        u = rng.random((b, 4))
+        lo, hi = self.cfg.random_resize
+        out = []
+        for j in range(b):
+            p = first + j
+            idx = int(self._perm(p // n)[p % n])
+            scale = lo + (hi - lo) * float(u[j, 0])
+            flip = bool(self.cfg.hflip and u[j, 3] < 0.5)
+            out.append((idx, scale, float(u[j, 1]), float(u[j, 2]), flip))
+        return out
+
+    # --- cutting one sample --------------------------------------------------------------------------------
+    def __getitem__(self, entry: tuple[int, float, float, float, bool]) -> np.ndarray:
+        idx, scale, uy, ux, flip = entry
+        im = self.images[idx] if self.images is not None else Image.fromarray(load_image(self.items[idx].path))
+        return random_resized_crop(im, self.cfg.crop_size, scale, uy, ux, flip)
+
+    def batch(self, micro: int) -> torch.Tensor:
+        return to_tensor(np.stack([self[e] for e in self.plan(micro)]))
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        if self.cfg.workers <= 0:
+            return (self.batch(m) for m in itertools.count(start))
+        loader = torch.utils.data.DataLoader(
+            self, batch_sampler=_PlanSampler(self, start), num_workers=self.cfg.workers,
+            collate_fn=_collate, persistent_workers=True, pin_memory=False)
+        return iter(loader)
+
+
+def _collate(crops: list[np.ndarray]) -> torch.Tensor:
+    return to_tensor(np.stack(crops))
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Endless batch sampler: the plans of micro-batches start, start+1, ..."""
+
+    def __init__(self, data: TrainData, start: int):
+        self.data, self.start = data, start
+
+    def __iter__(self):
+        for m in itertools.count(self.start):
+            yield self.data.plan(m)
+
+
+def random_resized_crop(im: Image.Image, size: int, scale: float, uy: float, ux: float, flip: bool) -> np.ndarray:
+    """Resize so the short side is round(size * scale) (at least ``size``), cut the size x size window at the
+    relative offsets (uy, ux) in [0, 1), optionally mirror. Only the window is resampled (PIL ``box``), bicubic
+    with antialiasing, so the result equals cropping the fully resized image. Returns uint8 [size, size, 3]."""
+    w, h = im.size
+    short = max(size, round(size * scale))
+    f = short / min(w, h)
+    nw, nh = max(size, round(w * f)), max(size, round(h * f))
+    oy = min(nh - size, math.floor(uy * (nh - size + 1)))
+    ox = min(nw - size, math.floor(ux * (nw - size + 1)))
+    fx, fy = nw / w, nh / h
+    box = (ox / fx, oy / fy, (ox + size) / fx, (oy + size) / fy)
+    out = np.asarray(im.resize((size, size), Image.BICUBIC, box=box))
+    if flip:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
