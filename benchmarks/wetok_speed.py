@@ -159,7 +159,6 @@ def bench_config(name, args, device, batch, size, warmup, iters, official_mods, 
             row.update(official_encode_s=statistics.median(o_enc), official_decode_s=statistics.median(o_dec))
             row["encode_speedup"] = row["official_encode_s"] / row["encode_s"]
             row["decode_speedup"] = row["official_decode_s"] / row["decode_s"]
-    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -190,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--size", type=int, default=256, help="image side (default 256)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],

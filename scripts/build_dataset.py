@@ -126,10 +126,10 @@ def debian_photos() -> list[Photo]:
                             license_, f"\"{_slug(Path(name).stem)}\", copyright {holder}", _file_loader(path)))
     lic = parse_dep5(MATE_COPYRIGHT)
     for path in sorted(MATE_DIR.glob("*.jpg")):
-        license_, holder = lic.get(f"nature/{path.name}", ("GPL-2+", "MATE Desktop contributors"))
+        license_, holder = lic.get(f"nature/{path.name}", ("GPL-2+", ""))
+        holder = holder or "MATE contributors (see /usr/share/doc/mate-backgrounds/AUTHORS)"
         photos.append(Photo(f"mate-{path.stem}", "mate-backgrounds (Debian)", str(path), license_,
-                            f"\"{path.stem}\", copyright {holder or 'MATE contributors (see /usr/share/doc/mate-backgrounds/AUTHORS)'}",
-                            _file_loader(path)))
+                            f"\"{path.stem}\", copyright {holder}", _file_loader(path)))
     return photos
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +43,7 @@ def blobs(tmp_path_factory) -> Path:
     return make_blobs(tmp_path_factory.mktemp("blobs"))
 
 
-def tiny_recipe(root: Path, **sections) -> "Recipe":  # noqa: F821
+def tiny_recipe(root: Path, **sections):
     raw = {
         "model": {"family": "wetok", "name": "wetok-test", "model_args": dict(TINY_ARGS)},
         "data": {"roots": [str(root)], "crop_size": 32, "random_resize": [1.0, 1.5], "batch_size": 4, "hflip": True},

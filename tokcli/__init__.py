@@ -22,7 +22,8 @@ def load(name_or_path: str | None = None, device: str = "auto"):
     from tokcli.families import build_from_folder
 
     folder = resolve(name_or_path)
-    return build_from_folder(folder, device=str(resolve_device(device)))
+    model = build_from_folder(folder, device=str(resolve_device(device)))
+    return model.requires_grad_(False)  # inference object; training builds its own (tok train)
 
 
 def list_models(filter: str = "") -> list[str]:

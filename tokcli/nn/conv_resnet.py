@@ -198,6 +198,8 @@ class Decoder(nn.Module):
                                  f"got {tuple(noise.shape)}")
             h = self.conv_in(torch.cat([codes, noise.to(codes.dtype)], dim=1))
         else:
+            if noise is not None:
+                raise ValueError("this decoder is not generative: it takes no noise")
             h = self.conv_in(codes)
         std, mean = AdaptiveGroupNorm.style_stats(codes)
         for blk in self.mid_block:

@@ -134,16 +134,17 @@ class GroupLFQ(nn.Module):
         sw = self.sample_weight if sample_weight is None else sample_weight
         cw = self.codebook_weight if codebook_weight is None else codebook_weight
 
-        logits = self.group_logits(z) / self.temperature  # [B, n, g, K]
-        log_p = F.log_softmax(logits, dim=-1)
-        p = log_p.exp()
-        token_h = -(p * log_p).sum(-1)  # [B, n, g]
-        if mode == "official":
-            per_sample = token_h.mean()
-            codebook = _entropy(p.mean(dim=(0, 1, 2)), eps)
-        else:
-            per_sample = token_h.sum(-1).mean()
-            codebook = _entropy(p.mean(dim=(0, 1)), eps).sum()
+        with torch.autocast(device_type=z.device.type, enabled=False):  # T = 0.01 needs float32 logits
+            logits = self.group_logits(z) / self.temperature  # [B, n, g, K]
+            log_p = F.log_softmax(logits, dim=-1)
+            p = log_p.exp()
+            token_h = -(p * log_p).sum(-1)  # [B, n, g]
+            if mode == "official":
+                per_sample = token_h.mean()
+                codebook = _entropy(p.mean(dim=(0, 1, 2)), eps)
+            else:
+                per_sample = token_h.sum(-1).mean()
+                codebook = _entropy(p.mean(dim=(0, 1)), eps).sum()
 
         q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
         commitment = F.mse_loss(z.float(), q.float().detach())

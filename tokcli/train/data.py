@@ -35,16 +35,24 @@ _AUG_TAG = 0x5EED_0002
 
 def collect_training_files(roots: list[str], recursive: bool = True) -> list[InputItem]:
     """Folders (every image under them), single image files, and ``.txt`` file lists (one path per line,
-    relative to the list's folder, ``#`` comments). Order: roots as given, each sorted by key."""
+    relative to the list's folder, ``#`` comments). Order: roots as given; a folder sorted by key, a list as listed."""
     items: list[InputItem] = []
     for i, root in enumerate(roots):
         p = Path(root)
         if p.is_file() and p.suffix.lower() == ".txt":
             lines = [ln.split("#", 1)[0].strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-            paths = [str(p.parent / ln) for ln in lines if ln]
-            if not paths:
+            if not any(lines):
                 raise TokError(f"file list {p} names no images")
-            found = collect_inputs(paths, recursive=recursive)
+            found = []
+            for ln in filter(None, lines):
+                q = p.parent / ln
+                if q.is_dir():
+                    sub = collect_inputs([str(q)], recursive=recursive)
+                    found.extend(InputItem(it.path, f"{ln}/{it.key}") for it in sub)
+                elif q.is_file():
+                    found.append(InputItem(q, ln))
+                else:
+                    raise TokError(f"{p}: listed file {ln} does not exist ({q})")
         else:
             found = collect_inputs([root], recursive=recursive)
         items.extend(InputItem(it.path, f"{i}/{it.key}") for it in found)

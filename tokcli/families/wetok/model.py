@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 from tokcli.errors import TokError
 from tokcli.families.base import TokenSpec, Tokenizer
@@ -144,15 +143,25 @@ class WeTok(Tokenizer):
         except ValueError as e:
             raise TokError(f"invalid wetok tokens: {e}") from None
 
-    def make_noise(self, codes: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """N(0, 1) noise of the latent's shape for the generative decoder, drawn as one [B, z, h, w] tensor from a
-        torch.Generator on the codes' device seeded with ``seed`` (None: the global RNG). This does not reproduce
-        the official code's CPU noise stream (it samples a channels-last tensor); pass ``noise=`` to replay."""
+    def make_noise(self, codes: torch.Tensor, seed: int | Sequence[int] | None = None) -> torch.Tensor:
+        """N(0, 1) noise of the latent's shape for the generative decoder.
+
+        ``seed`` an int: one [B, z, h, w] draw from a torch.Generator on the codes' device; a sequence of B ints:
+        image i gets its own draw seeded with ``seed[i]`` (results then do not depend on how images are batched);
+        None: the global RNG. This does not reproduce the official code's CPU noise stream (it samples a
+        channels-last tensor); pass ``noise=`` to replay it."""
         if seed is None:
             return torch.randn(codes.shape, device=codes.device, dtype=codes.dtype)
-        g = torch.Generator(device=codes.device)
-        g.manual_seed(int(seed))
-        return torch.randn(codes.shape, generator=g, device=codes.device, dtype=codes.dtype)
+        seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+        if not isinstance(seed, int) and len(seeds) != codes.shape[0]:
+            raise TokError(f"{len(seeds)} seeds for a batch of {codes.shape[0]} images")
+        shape = codes.shape if isinstance(seed, int) else (1, *codes.shape[1:])
+        draws = []
+        for s in seeds:
+            g = torch.Generator(device=codes.device)
+            g.manual_seed(s)
+            draws.append(torch.randn(shape, generator=g, device=codes.device, dtype=codes.dtype))
+        return torch.cat(draws)
 
     def decode_codes(self, codes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """+-1 codes [B, z, h, w] -> raw (unclamped) images. The generative decoder draws global-RNG noise when
@@ -163,13 +172,13 @@ class WeTok(Tokenizer):
             raise TokError("this wetok model has a deterministic decoder: it takes no noise")
         return self.decoder(codes, noise.to(codes.device) if noise is not None else None)
 
-    def decode(self, tokens: torch.Tensor, *, seed: int | None = None, noise: torch.Tensor | None = None,
+    def decode(self, tokens: torch.Tensor, *, seed: int | Sequence[int] | None = None, noise: torch.Tensor | None = None,
                clamp: bool = True) -> torch.Tensor:
         """Tokens [B, h, w, g] -> images [B, 3, h f, w f], clamped to [-1, 1] unless ``clamp=False``.
 
         Generative decoder: ``noise`` (shape [B, z, h, w]) is used as given; otherwise it is drawn from a generator
-        seeded with ``seed`` (default: the model folder's ``decode.seed``; neither: the global RNG). ``seed`` is
-        ignored by deterministic models."""
+        seeded with ``seed`` (an int, or one int per image; default: the model folder's ``decode.seed``; neither:
+        the global RNG). ``seed`` is ignored by deterministic models."""
         codes = self.tokens_to_codes(tokens)
         if self.generative:
             if noise is None:
