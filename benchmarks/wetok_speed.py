@@ -197,6 +197,9 @@ def main(argv=None):
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (both)")
     ap.add_argument("--official-src", type=Path, default=None, help="checkout of github.com/zhuangshaobin/WeTok")
     ap.add_argument("--official-input", default="channels_last", choices=["channels_last", "contiguous"])
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 convolutions/matmuls on CUDA for both (PyTorch's default for cuDNN convs; "
+                         "faster, but near-zero latents can flip tokens)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     a = ap.parse_args(argv)
 
@@ -210,8 +213,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if device.type == "cuda":  # exact fp32 maths: TF32 could flip the sign of near-zero latents (tokens)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        torch.backends.cudnn.allow_tf32 = a.tf32
         torch.backends.cudnn.benchmark = a.cudnn_benchmark
     mods = load_official(a.official_src) if a.official_src else None
 
@@ -224,7 +227,7 @@ def main(argv=None):
             print(json.dumps(r), flush=True)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
            else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "memory_format": a.memory_format, "cudnn_benchmark": a.cudnn_benchmark, "warmup": a.warmup,
+           "memory_format": a.memory_format, "cudnn_benchmark": a.cudnn_benchmark, "tf32": a.tf32, "warmup": a.warmup,
            "iters": a.iters, "official_src": str(a.official_src) if a.official_src else None,
            "official_input": a.official_input if a.official_src else None}
     print()

@@ -58,6 +58,7 @@ def token_header(model, ref: str, size: int) -> dict[str, Any]:
         "family": model.family,
         "tokens": spec,
         "preprocess": pre,
+        "precision": getattr(model, "precision", "fp32"),
         "tok_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -7,19 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli.common import (BatchOpt, DeviceOpt, ModelOpt, QuietOpt, SeedOpt, SizeOpt, SkipOpt, WorkersOpt,
+from tokcli.cli.common import (BatchOpt, DeviceOpt, ModelOpt, PrecisionOpt, QuietOpt, SeedOpt, SizeOpt, SkipOpt, WorkersOpt,
                                cli_errors, err, report_failures)
 
 InputsArg = Annotated[list[str], typer.Argument(help="image files and/or folders (searched recursively); "
                                                      "- reads a list of paths from stdin")]
 
 
-def _load(model: Optional[str], device: str):
+def _load(model: Optional[str], device: str, precision: str = "fp32"):
     import tokcli
-    from tokcli.core.device import exact_math
+    from tokcli.core.device import set_precision
 
-    exact_math()
-    return tokcli.load(model, device=device)
+    set_precision(precision)
+    tok = tokcli.load(model, device=device)
+    tok.precision = precision
+    return tok
 
 
 def _items(inputs: list[str]):
@@ -37,6 +39,7 @@ def encode_cmd(
     workers: WorkersOpt = 0,
     image_size: SizeOpt = None,
     skip_errors: SkipOpt = False,
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ):
     """Encode images (ADM centre crop to the model size) into one self-describing token file."""
@@ -44,7 +47,7 @@ def encode_cmd(
         from tokcli import pipeline
 
         items = _items(inputs)
-        tok = _load(model, device)
+        tok = _load(model, device, precision)
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
                               batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
         if output != "-":
@@ -61,6 +64,7 @@ def decode_cmd(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ):
     """Decode a token file back to PNG images."""
@@ -69,7 +73,7 @@ def decode_cmd(
         from tokcli.core.tokens import read_token_file
 
         tf = read_token_file(tokens)
-        tok = _load(model or tf.header.get("model"), device)
+        tok = _load(model or tf.header.get("model"), device, precision)
         res = pipeline.decode(tok, tf, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet)
         err(f"decoded {len(res.written)} image(s) with {tok.name} -> {output}")
 
@@ -84,6 +88,7 @@ def reconstruct_cmd(
     image_size: SizeOpt = None,
     seed: SeedOpt = 0,
     skip_errors: SkipOpt = False,
+    precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ):
     """Encode then decode images (same code path as encode + decode), writing PNGs that mirror the input tree."""
@@ -91,7 +96,7 @@ def reconstruct_cmd(
         from tokcli import pipeline
 
         items = _items(inputs)
-        tok = _load(model, device)
+        tok = _load(model, device, precision)
         res = pipeline.reconstruct(tok, items, output, image_size=image_size, batch_size=batch_size,
                                    workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet)
         err(f"reconstructed {len(res.written)} image(s) with {tok.name} -> {output}")

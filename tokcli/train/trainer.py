@@ -463,7 +463,8 @@ _PERCEPTUAL_TEXT = {
     "lpips-vgg": "LPIPS-VGG (ImageNet VGG16 backbone + the lpips v0.1 linear heads), as in the paper",
     "lpips-vgg-random": "LPIPS-VGG with a RANDOMLY INITIALISED VGG16 backbone (no ImageNet weights were available "
                         "offline); it is a feature-matching loss, not LPIPS",
-    "none": "none (no perceptual loss: no pretrained VGG16 was available offline)",
+    "none": "none: no perceptual term (the recipe's explicit choice, e.g. where the ImageNet VGG16 weights that "
+            "LPIPS-VGG needs are not available)",
 }
 
 
@@ -487,8 +488,16 @@ def _data_summary(data: TrainData) -> dict[str, Any]:
                 sources[e.get("source", "unknown")] += 1
     out: dict[str, Any] = {"roots": list(data.cfg.roots), "num_images": len(data)}
     if files:
-        out.update(sources_file=[str(f) for f in files], sources=dict(sources), licenses=dict(licences))
+        out.update(sources_file=[_display_path(f) for f in files], sources=dict(sources), licenses=dict(licences))
     return out
+
+
+def _display_path(p: Path) -> str:
+    """p relative to the working folder when it is inside it (no machine-specific prefixes in model folders)."""
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainData, step: int,
@@ -532,7 +541,9 @@ def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainDat
         f"- perceptual loss: {_PERCEPTUAL_TEXT[lo.perceptual]}\n"
         f"- weights: {'EMA (decay %s)' % o.ema_decay if weights == 'ema' else 'raw (no EMA)'}\n"
         f"- final losses: {losses or 'n/a'}\n\n"
-        f"Tokens: `{json.dumps(model.spec.to_dict())}`\n\nLoad it with `tokcli.load(\"local-dir:{model_dir}\")`.\n")
+        f"Tokens: `{json.dumps(model.spec.to_dict())}`\n\n"
+        f"Load it with `tokcli.load(\"local-dir:PATH_OF_THIS_FOLDER\")`; `config.json` holds the full recipe under "
+        f"`training`.\n")
     save_model_folder(
         model_dir, family=r.model.family, name=r.name, model_args=model_args, tokens=model.spec.to_dict(),
         preprocess=model.preprocess, state_dict=state, decode=getattr(model, "decode_defaults", None) or {},

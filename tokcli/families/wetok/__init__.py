@@ -2,12 +2,24 @@
 
     build(model_args) -> WeTok
     convert(ckpt_path, config_path, dest, ...) -> ModelFolder   (official Lightning .ckpt -> model folder)
+
+Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
 """
 
-from tokcli.families.wetok.convert import convert_official
-from tokcli.families.wetok.model import DEFAULT_ARGS, FAMILY, WeTok, build, normalize_model_args, official_model_args
+import importlib
 
-convert = convert_official
+FAMILY = "wetok"
 
-__all__ = ["FAMILY", "WeTok", "build", "convert", "convert_official", "official_model_args", "normalize_model_args",
-           "DEFAULT_ARGS"]
+_LAZY = {
+    "WeTok": "model", "build": "model", "normalize_model_args": "model", "official_model_args": "model",
+    "DEFAULT_ARGS": "model", "convert_official": "convert", "convert": "convert",
+}
+
+__all__ = ["FAMILY", *_LAZY]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(name)
+    mod = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+    return getattr(mod, "convert_official" if name == "convert" else name)
