@@ -112,6 +112,13 @@ class Official:
         return self.decoder(quant)
 
 
+def official_flags():
+    """cuDNN as the official scripts run it: their main.py (imported by the evaluation scripts) sets
+    deterministic=True, benchmark=False; TF32 stays as this process set it."""
+    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                      allow_tf32=torch.backends.cudnn.allow_tf32)
+
+
 def bench_config(name, args, device, batch, size, warmup, iters, official_mods, official_input, memory_format):
     torch.manual_seed(0)
     model = build({**args, "image_size": size}).to(device).eval()
@@ -138,7 +145,8 @@ def bench_config(name, args, device, batch, size, warmup, iters, official_mods, 
             xo = x.contiguous()
             if official_input == "channels_last":  # what the official get_input (NHWC batch permuted) gives
                 xo = xo.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-            h_off, q_off, idx_off = off.encode(xo)
+            with official_flags():
+                h_off, q_off, idx_off = off.encode(xo)
             z_ours = model.encode_latent(x)
             row["official_latent_maxdiff"] = (h_off.float() - z_ours.float()).abs().max().item()
             row["official_index_match"] = (idx_off.reshape(-1).cpu() == tokens.reshape(-1).cpu()).float().mean().item()
@@ -147,15 +155,18 @@ def bench_config(name, args, device, batch, size, warmup, iters, official_mods, 
                 torch.manual_seed(3)
                 noise_o = torch.randn_like(q_off)
                 torch.manual_seed(3)
-                r_off = off.decode(q_off)
+                with official_flags():
+                    r_off = off.decode(q_off)
                 r_ours = model.decode(tokens, noise=noise_o.contiguous(), clamp=False)
             else:
-                r_off = off.decode(q_off)
+                with official_flags():
+                    r_off = off.decode(q_off)
                 r_ours = model.decode(tokens, clamp=False)
             row["official_recon_maxdiff"] = (r_off.float() - r_ours.float()).abs().max().item()
             row["official_recon_meandiff"] = (r_off.float() - r_ours.float()).abs().mean().item()
-            o_enc = time_fn(lambda: off.encode(xo), device, warmup, iters)
-            o_dec = time_fn(lambda: off.decode(q_off), device, warmup, iters)
+            with official_flags():
+                o_enc = time_fn(lambda: off.encode(xo), device, warmup, iters)
+                o_dec = time_fn(lambda: off.decode(q_off), device, warmup, iters)
             row.update(official_encode_s=statistics.median(o_enc), official_decode_s=statistics.median(o_dec))
             row["encode_speedup"] = row["official_encode_s"] / row["encode_s"]
             row["decode_speedup"] = row["official_decode_s"] / row["decode_s"]
@@ -194,7 +205,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
                     help="layout for tok's model (the official one always gets what its pipeline gives)")
-    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (both)")
+    ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                    help="turn off cuDNN autotuning for tok (on by default, as in tok's own device policy); the "
+                         "official code always runs with its shipped settings (deterministic, no autotuning)")
     ap.add_argument("--official-src", type=Path, default=None, help="checkout of github.com/zhuangshaobin/WeTok")
     ap.add_argument("--official-input", default="channels_last", choices=["channels_last", "contiguous"])
     ap.add_argument("--tf32", action="store_true",
@@ -215,7 +228,7 @@ def main(argv=None):
     if device.type == "cuda":  # exact fp32 maths: TF32 could flip the sign of near-zero latents (tokens)
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
         torch.backends.cudnn.allow_tf32 = a.tf32
-        torch.backends.cudnn.benchmark = a.cudnn_benchmark
+        torch.backends.cudnn.benchmark = a.cudnn_benchmark  # tok's policy (core/device.py); official: see official_flags
     mods = load_official(a.official_src) if a.official_src else None
 
     rows = []

