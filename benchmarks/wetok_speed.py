@@ -181,12 +181,14 @@ def print_table(rows):
              "official_latent_maxdiff", "official_index_match", "official_recon_maxdiff"]
     cols += [c for c in extra if any(c in r for r in rows)]
 
-    def fmt(v):
+    def fmt(v, col=""):
+        if col == "official_index_match":  # a single flipped token must show: 0.99997, not 1
+            return f"{v:.6f}" if isinstance(v, float) else str(v)
         if isinstance(v, float):
             return f"{v:.4g}"
         return str(v)
 
-    table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    table = [cols] + [[fmt(r.get(c, ""), c) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for i, row in enumerate(table):
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
