@@ -20,7 +20,7 @@ def _args(ch_mult, z=32, g=4, gd=False):
 REGISTRY = [
     ModelEntry(
         name="wetok-tiny", family="wetok", shipped=True, license="apache-2.0",
-        description="demo WeTok (ds8, 2 groups x 8 bits) trained by tok on CPU on ~40 openly licensed photos",
+        description="demo WeTok (ds8, 2 groups x 8 bits) trained by tok on CPU on 32 openly licensed photos",
         notes="see weights/wetok-tiny/README.md for data, training and measured quality",
     ),
     ModelEntry(
