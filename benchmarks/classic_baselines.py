@@ -1,5 +1,5 @@
 """Classic baselines for a tokenizer's rate-distortion point: what JPEG and plain bicubic resampling achieve on the
-same images, under the same protocol as `tok bench recon` (ADM centre crop, uint8, PSNR per image then the mean,
+same images, under the same protocol as `tok bench` (ADM centre crop, uint8, PSNR per image then the mean,
 SSIM on uint8).
 
     python benchmarks/classic_baselines.py data/heldout --size 256 --bpp 0.25 --json out.json

@@ -181,14 +181,15 @@ def test_ds16_g4_tokens_cost_hwg_bytes(tmp_path):
     assert b["file_bytes"] == (codes.stat().st_size)
 
 
-def test_bench_recon_json(tiny_model, images):
-    p = run_tok("bench", "recon", images, "-m", tiny_model)
+def test_bench_psnr_json(tiny_model, images):
+    p = run_tok("bench", "psnr", images, "-m", tiny_model, "--json")
     assert p.returncode == 0, p.stderr.decode()
+    assert len(p.stdout.decode().strip().splitlines()) == 1  # one JSON line
     res = json.loads(p.stdout)
     m = res["metrics"]
-    assert 0 < m["psnr"] < 60 and -1 <= m["ssim"] <= 1
+    assert 0 < m["psnr"] < 60 and "ssim" not in m
     assert res["protocol"]["n_images"] == 5 and res["protocol"]["image_size"] == 32
     assert m["bpp"]["tokens"] == pytest.approx(16 * 16 * 2 * 8 / (32 * 32))
     assert m["bpp"]["stored_bytes_per_image"] == 16 * 16 * 2  # uint8 indices, as in the token file
-    p = run_tok("bench", "recon", images, "-m", tiny_model, "--metrics", "psnr,fid")
-    assert p.returncode == 2
+    p = run_tok("bench", "psnr", images, "-m", tiny_model, "--psnr-mode", "nonsense")
+    assert p.returncode == 2 and b"--psnr-mode" in p.stderr and b"Traceback" not in p.stderr

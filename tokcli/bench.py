@@ -1,72 +1,215 @@
 """The library side of `tok bench`: one evaluation protocol, every choice recorded in the result.
 
-Protocol (DESIGN.md): ADM centre crop to the model resolution; originals and reconstructions both rounded to uint8;
-PSNR per image with range 255, then the mean; SSIM (Wang et al.: Gaussian 11x11, sigma 1.5) on uint8; LPIPS with the
-lpips package (AlexNet, v0.1) on [-1, 1]; codebook usage and perplexity per group; bits per pixel of the token
-payload and of the token file. rFID arrives with the evaluation issue.
+Protocol (DESIGN.md, docs/evaluation.md): ADM centre crop to the model resolution; originals and reconstructions
+both rounded to uint8; PSNR per image with range 255, then the mean; SSIM (Wang et al.: Gaussian 11x11, sigma 1.5)
+on uint8; LPIPS with the lpips package (AlexNet, v0.1) on [-1, 1]; rFID between the Inception statistics of the
+originals (or a reference statistics file) and of the reconstructions, FID Inception weights
+(pt_inception-2015-12-05), 2048-d pool features, float64 statistics; codebook usage and perplexity per group; bits
+per pixel of the tokens and of what the token file stores. Legacy PSNR / SSIM modes of the official repositories are
+available by name (metrics/legacy.py).
+
+Everything streams batch by batch: memory does not grow with the number of images (50k ImageNet-val is fine).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tokcli import __version__
+from tokcli.errors import MissingWeightsError, TokError, TokUsageError
+
+METRICS = ("psnr", "ssim", "lpips", "rfid", "usage", "bpp")
+NEEDS_WEIGHTS = ("lpips", "rfid")
 
 
-def recon_bench(items, *, model: str | None, metrics: list[str], lpips_net: str = "alex", device: str = "auto",
-                batch_size: int = 8, workers: int = 0, image_size: int | None = None, seed: int = 0,
-                skip_errors: bool = False, quiet: bool = False, save_images: str | None = None):
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _warn(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class _Grid:
+    """The first few (original, reconstruction) pairs, for the report's image grid."""
+
+    limit: int
+    orig: list = field(default_factory=list)
+    recon: list = field(default_factory=list)
+    keys: list = field(default_factory=list)
+
+    def add(self, keys, orig, recon) -> None:
+        take = max(0, min(self.limit - len(self.keys), len(keys)))
+        self.keys += list(keys[:take])
+        self.orig += list(orig[:take])
+        self.recon += list(recon[:take])
+
+    def arrays(self):
+        if not self.keys:
+            return None
+        return np.stack(self.orig), np.stack(self.recon), list(self.keys)
+
+
+def _load_scorers(metrics, *, lpips_net, lpips_weights, inception_weights, ref_stats, device, strict, quiet):
+    """Load what the weight-dependent metrics need before any image is processed (a missing file fails fast).
+    With ``strict=False`` (``tok bench all``) a metric whose weights are missing is skipped, with the reason."""
+    loaded: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for m in [m for m in metrics if m in NEEDS_WEIGHTS]:
+        try:
+            if m == "lpips":
+                from tokcli.losses.perceptual import backbone_path, load_lpips
+
+                lp = load_lpips(lpips_net, backbone="pretrained", device=device, weights=lpips_weights)
+                src = Path(lpips_weights) if lpips_weights else backbone_path(lpips_net)
+                loaded["lpips"] = (lp, {"net": lpips_net, "version": "0.1", "backbone_file": src.name,
+                                        "backbone_sha256": file_sha256(src)})
+            else:
+                from tokcli.metrics import fid
+
+                net, sha = fid.load_fid_inception(inception_weights, device=device)
+                ref = None
+                if ref_stats is not None:
+                    ref = fid.FeatureStats.from_npz(ref_stats)
+                loaded["rfid"] = (net, sha, ref)
+        except MissingWeightsError as e:
+            if strict:
+                raise
+            skipped[m] = str(e)
+            _warn(f"{m} skipped: {e}", quiet)
+    return loaded, skipped
+
+
+def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage", "bpp"), n: int | None = None,
+             image_size: int | None = None, device: str = "auto", batch_size: int = 8, workers: int = 0,
+             seed: int = 0, precision: str = "fp32", skip_errors: bool = False, quiet: bool = False,
+             save_recon: str | None = None, psnr_mode: str = "tok", ssim_mode: str = "tok", lpips_net: str = "alex",
+             lpips_weights: str | None = None, inception_weights: str | None = None, ref_stats: str | None = None,
+             strict: bool = True, grid: int = 8):
+    """Reconstruct ``items`` with ``model`` and score them. Returns (result dict, per-input errors, grid arrays or
+    None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing."""
+    import torch
+
     import tokcli
     from tokcli import pipeline
-    from tokcli.core.device import exact_math
+    from tokcli.core.device import resolve_device, set_precision
+    from tokcli.core.images import to_tensor, to_uint8
+    from tokcli.metrics import legacy
 
-    exact_math()
-    lp = None
-    if "lpips" in metrics:  # load first: a missing backbone fails before any work is done
-        from tokcli.losses.perceptual import load_lpips
-
-        lp = load_lpips(lpips_net, backbone="pretrained", device="cpu")
-    tok = tokcli.load(model, device=device)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise TokUsageError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METRICS)}")
+    for name, mode in (("psnr", psnr_mode), ("ssim", ssim_mode)):
+        if mode not in legacy.MODES:
+            raise TokUsageError(f"unknown --{name}-mode {mode!r}; choose from {', '.join(legacy.MODES)}")
+    if n is not None:
+        if n <= 0:
+            raise TokUsageError("--n must be positive")
+        items = list(items)[:n]
+    set_precision(precision)
+    dev = resolve_device(device)
+    scorers, skipped = _load_scorers(metrics, lpips_net=lpips_net, lpips_weights=lpips_weights,
+                                     inception_weights=inception_weights, ref_stats=ref_stats, device=dev,
+                                     strict=strict, quiet=quiet)
+    tok = tokcli.load(model, device=str(dev))
     size = pipeline.image_size_for(tok, image_size)
-    res = pipeline.reconstruct(tok, items, save_images, image_size=size, batch_size=batch_size, workers=workers,
-                               seed=seed, skip_errors=skip_errors, quiet=quiet, keep=True)
-    orig = np.concatenate([p[0] for p in res.pairs])
-    recon = np.concatenate([p[1] for p in res.pairs])
-    tokens = np.concatenate([p[2] for p in res.pairs])
-    out: dict[str, Any] = {}
-    per_image: dict[str, list] = {"key": list(res.keys)}
-    if "psnr" in metrics:
-        from tokcli.metrics.image import psnr
-
-        v = psnr(orig, recon)
-        per_image["psnr"] = [float(x) for x in v]
-        out["psnr"] = float(np.mean(np.minimum(v, 100.0)))
-    if "ssim" in metrics:
-        from tokcli.metrics.image import ssim
-
-        v = ssim(orig, recon)
-        per_image["ssim"] = [float(x) for x in v]
-        out["ssim"] = float(np.mean(v))
-    if lp is not None:
-        from tokcli.core.images import to_tensor
-        from tokcli.losses.perceptual import lpips_distance
-
-        vals = []
-        for s in range(0, len(orig), batch_size):
-            vals.append(lpips_distance(lp, to_tensor(orig[s:s + batch_size]), to_tensor(recon[s:s + batch_size])))
-        v = np.concatenate([np.asarray(x.detach().cpu()).reshape(-1) for x in vals])
-        per_image["lpips"] = [float(x) for x in v]
-        out["lpips"] = float(np.mean(v))
     spec = tok.spec
-    if "usage" in metrics and spec.kind == "indices":
-        from tokcli.metrics.usage import codebook_usage
 
-        out["usage"] = codebook_usage(tokens, spec.codebook_size, group_axis=-1 if tokens.ndim == 4 else None)
-    if "bpp" in metrics:
-        n_tok = int(np.prod(tokens.shape[1:]))
+    per_image: dict[str, list] = {"key": []}
+    usage = None
+    if "usage" in metrics and spec.kind == "indices":
+        from tokcli.metrics.usage import UsageCounter
+
+        usage = UsageCounter(spec.codebook_size, group_axis=-1 if len(spec.shape) == 3 else None)
+    fid_real = fid_fake = None
+    if "rfid" in scorers:
+        from tokcli.metrics.fid import FeatureStats, features_from_uint8
+
+        fid_fake = FeatureStats()
+        fid_real = FeatureStats() if scorers["rfid"][2] is None else None
+    tokens_shape = None
+    pics = _Grid(grid)
+
+    def on_batch(keys, orig_u8, recon, tokens):
+        nonlocal tokens_shape
+        tokens_shape = tokens.shape[1:]
+        recon_u8 = to_uint8(recon)
+        per_image["key"] += list(keys)
+        pics.add(keys, orig_u8, recon_u8)
+        if "psnr" in metrics or "ssim" in metrics:
+            if psnr_mode == "tok" and ssim_mode == "tok":
+                from tokcli.metrics import image
+
+                if "psnr" in metrics:
+                    per_image.setdefault("psnr", []).extend(image.psnr(orig_u8, recon_u8).tolist())
+                if "ssim" in metrics:
+                    per_image.setdefault("ssim", []).extend(image.ssim(orig_u8, recon_u8).tolist())
+            else:  # legacy modes act on the float decoder output (truncation, +128)
+                of = orig_u8.astype(np.float64) / 127.5 - 1
+                rf = recon.detach().float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float64)
+                if "psnr" in metrics:
+                    per_image.setdefault("psnr", []).extend(legacy.psnr(of, rf, psnr_mode).tolist())
+                if "ssim" in metrics:
+                    per_image.setdefault("ssim", []).extend(legacy.ssim(of, rf, ssim_mode).tolist())
+        if "lpips" in scorers:
+            from tokcli.losses.perceptual import lpips_distance
+
+            lp = scorers["lpips"][0]
+            with torch.inference_mode():
+                v = lpips_distance(lp, to_tensor(orig_u8).to(dev), to_tensor(recon_u8).to(dev))
+            per_image.setdefault("lpips", []).extend(v.float().cpu().numpy().reshape(-1).tolist())
+        if fid_fake is not None:
+            net = scorers["rfid"][0]
+            fid_fake.update(features_from_uint8(net, recon_u8, batch_size=batch_size, device=dev))
+            if fid_real is not None:
+                fid_real.update(features_from_uint8(net, orig_u8, batch_size=batch_size, device=dev))
+        if usage is not None:
+            usage.update(tokens)
+
+    t0 = time.perf_counter()
+    res = pipeline.reconstruct(tok, items, save_recon, image_size=size, batch_size=batch_size, workers=workers,
+                               seed=seed, skip_errors=skip_errors, quiet=quiet, on_batch=on_batch)
+    seconds = time.perf_counter() - t0
+    n_img = len(per_image["key"])
+
+    out: dict[str, Any] = {}
+    if "psnr" in per_image:
+        v = np.asarray(per_image["psnr"])
+        out["psnr"] = float(np.mean(np.minimum(v, 100.0)))
+    if "ssim" in per_image:
+        out["ssim"] = float(np.mean(per_image["ssim"]))
+    if "lpips" in per_image:
+        out["lpips"] = float(np.mean(per_image["lpips"]))
+    if fid_fake is not None:
+        from tokcli.metrics.fid import frechet_distance
+
+        ref = scorers["rfid"][2] if fid_real is None else fid_real
+        if fid_fake.n < 2 or ref.n is not None and ref.n < 2:
+            raise TokError(f"rFID needs at least 2 images (got {fid_fake.n}); use a few thousand for a meaningful "
+                           f"value (the usual protocol is ImageNet-val, 50,000 images)")
+        out["rfid"] = float(frechet_distance(ref.mean(), ref.cov(), fid_fake.mean(), fid_fake.cov()))
+        if n_img < 2048:
+            _warn(f"rFID on {n_img} images is dominated by the small sample (2048 features); compare only "
+                  f"values computed on the same N", quiet)
+    if usage is not None:
+        out["usage"] = usage.result()
+    if "bpp" in metrics and tokens_shape is not None:
+        n_tok = int(np.prod(tokens_shape))
         bits = n_tok * (math.log2(spec.codebook_size) if spec.kind == "indices" else
                         (1 if spec.kind == "bits" else 16))
         stored = None
@@ -76,22 +219,136 @@ def recon_bench(items, *, model: str | None, metrics: list[str], lpips_net: str 
             stored = n_tok * np.dtype(index_dtype(spec.codebook_size - 1)).itemsize
         out["bpp"] = {"tokens": bits / (size * size), "tokens_per_image": n_tok, "stored_bytes_per_image": stored,
                       "stored_bpp": stored * 8 / (size * size) if stored else None}
+
+    protocol = {
+        "n_images": n_img,
+        "n_failed": len(res.errors),
+        "image_size": size,
+        "crop": "adm_center (BOX halving, BICUBIC to the short side, centre crop)",
+        "uint8": "round(clamp((x + 1) * 127.5)) for both images",
+        "psnr": {"tok": "per image, data range 255, mean over images (identical images capped at 100 dB)"}.get(
+            psnr_mode, f"legacy mode {psnr_mode!r} (metrics/legacy.py)") if "psnr" in metrics else None,
+        "ssim": {"tok": "Wang et al. 2004: Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, L 255, per channel, mean"}.get(
+            ssim_mode, f"legacy mode {ssim_mode!r} (metrics/legacy.py)") if "ssim" in metrics else None,
+        "lpips": scorers["lpips"][1] if "lpips" in scorers else None,
+        "rfid": None,
+        "seed": seed,
+        "precision": precision,
+        "device": str(dev),
+        "torch": torch.__version__,
+        "tok_version": __version__,
+        "seconds": round(seconds, 3),
+    }
+    if "rfid" in scorers:
+        protocol["rfid"] = {
+            "reference": ("the same images before tokenization (originals after the crop)" if ref_stats is None
+                          else f"statistics file {Path(ref_stats).name} (sha256 {file_sha256(ref_stats)})"),
+            "feature_extractor": "FID Inception-v3 (TF port, pt_inception-2015-12-05), pool3 2048-d",
+            "weights_sha256": scorers["rfid"][1],
+            "resize": "bilinear to 299x299, align_corners=False, no antialias (as pytorch-fid)",
+            "input": "uint8 images (rounded), as for PSNR",
+            "statistics": "float64 mean and covariance (ddof 1); Frechet distance with scipy sqrtm",
+        }
     result = {
         "model": {"name": tok.name, "family": tok.family, "sha256": tok.sha256, "source": tok.source},
-        "protocol": {
-            "reference": "the input images after the crop (reconstruction vs original)",
-            "n_images": int(len(orig)),
-            "n_failed": len(res.errors),
-            "image_size": size,
-            "crop": "adm_center (BOX halving, BICUBIC to the short side, centre crop)",
-            "uint8": "round(clamp((x + 1) * 127.5)) for both images",
-            "psnr": "per image, data range 255, mean over images (identical images capped at 100 dB)",
-            "ssim": "Wang et al. 2004: Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, L 255, per channel, mean",
-            "lpips": f"lpips {lpips_net} v0.1 on [-1, 1], pretrained backbone" if lp is not None else None,
-            "seed": seed,
-            "tok_version": __version__,
-        },
+        "protocol": protocol,
         "metrics": out,
+        "skipped": skipped,
         "per_image": per_image,
     }
-    return result, res.errors
+    return result, res.errors, pics.arrays()
+
+
+def folder_stats(items, out: str | Path, *, size: int = 256, inception_weights: str | None = None,
+                 device: str = "auto", batch_size: int = 50, workers: int = 0, skip_errors: bool = False,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Inception statistics of a folder (ADM centre crop to ``size``) written as an ADM-style ``mu``/``sigma``
+    npz at ``out`` (plus the exact sums, so files can be merged). Returns a summary for the CLI."""
+    from tokcli.core.device import resolve_device
+    from tokcli.core.images import iter_batches
+    from tokcli.errors import TokError
+    from tokcli.metrics import fid
+
+    dev = resolve_device(device)
+    net, sha = fid.load_fid_inception(inception_weights, device=dev)
+    stats = fid.FeatureStats()
+    errors: list = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc="stats", unit="img", disable=quiet, leave=False)
+    for keys, imgs in iter_batches(items, size, batch_size, skip_errors=skip_errors, errors=errors, workers=workers):
+        stats.update(fid.features_from_uint8(net, imgs, batch_size=batch_size, device=dev))
+        bar.update(len(keys))
+    bar.close()
+    if stats.n < 2:
+        raise TokError(f"statistics need at least 2 images, got {stats.n}")
+    stats.to_npz(out)
+    return {"output": str(out), "n_images": int(stats.n), "image_size": size, "weights_sha256": sha,
+            "n_failed": len(errors)}, errors
+
+
+def throughput(model: str | None = None, *, batch_sizes=(1, 8), size: int | None = None, device: str = "auto",
+               precision: str = "fp32", warmup: int = 2, iters: int = 5, quiet: bool = False) -> dict[str, Any]:
+    """encode / decode / reconstruct images per second (median of ``iters`` timed repeats after ``warmup``) and
+    peak memory, on random images in [-1, 1]."""
+    import resource
+
+    import torch
+
+    import tokcli
+    from tokcli.core.device import resolve_device, set_precision
+
+    set_precision(precision)
+    dev = resolve_device(device)
+    tok = tokcli.load(model, device=str(dev))
+    from tokcli import pipeline
+
+    size = pipeline.image_size_for(tok, size)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        sync()
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    rows = []
+    for b in batch_sizes:
+        if b <= 0:
+            raise TokUsageError("batch sizes must be positive")
+        g = torch.Generator().manual_seed(0)
+        x = (torch.rand(b, 3, size, size, generator=g) * 2 - 1).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        with torch.inference_mode():
+            codes = tok.encode(x)
+            t_enc = timed(lambda: tok.encode(x))
+            t_dec = timed(lambda: tok.decode(codes))
+            t_rec = timed(lambda: tok.decode(tok.encode(x)))
+        row = {"batch": b, "encode_img_s": b / t_enc, "decode_img_s": b / t_dec, "reconstruct_img_s": b / t_rec,
+               "encode_s": t_enc, "decode_s": t_dec, "reconstruct_s": t_rec}
+        if dev.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        else:  # the process's peak resident set so far (Linux reports KiB)
+            row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        rows.append(row)
+        if not quiet:
+            print(f"batch {b}: encode {row['encode_img_s']:.2f} img/s, decode {row['decode_img_s']:.2f} img/s, "
+                  f"reconstruct {row['reconstruct_img_s']:.2f} img/s", file=sys.stderr)
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "model": {"name": tok.name, "family": tok.family, "sha256": tok.sha256, "source": tok.source},
+        "protocol": {"image_size": size, "input": "uniform random images in [-1, 1]", "warmup": warmup,
+                     "iters": iters, "statistic": "median", "precision": precision, "device": dev_name,
+                     "torch": torch.__version__, "tok_version": __version__},
+        "results": rows,
+    }

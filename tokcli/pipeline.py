@@ -176,14 +176,15 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
 
 def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = None, batch_size: int = 8,
                 workers: int = 0, seed: int = 0, skip_errors: bool = False, quiet: bool = False,
-                keep: bool = False) -> Result:
+                on_batch=None) -> Result:
     """encode -> decode through exactly the code path of `tok encode` + `tok decode` (bit-identical results).
 
-    With ``keep`` the uint8 originals (after the crop) and reconstructions are kept in ``res.pairs`` for metrics.
+    ``on_batch(keys, originals, recon, tokens)`` is called for every batch with the uint8 originals after the crop
+    [B, H, W, 3], the decoder output (float tensor [B, 3, H, W] in [-1, 1]) and the tokens (numpy): metrics stream
+    through it, so memory does not grow with the number of images. ``out_dir=None`` writes no PNGs.
     """
     size = image_size_for(model, image_size)
     res = Result()
-    res.pairs = [] if keep else None  # type: ignore[attr-defined]
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         from tokcli.core.images import output_paths
@@ -195,10 +196,8 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
         recon = _decode_batch(model, tok.cpu().numpy(), start, seed)
         if out_dir is not None:
             _write_pngs(out_dir, keys, recon, res)
-        if keep:
-            from tokcli.core.images import to_uint8
-
-            res.pairs.append((imgs, to_uint8(recon), tok.cpu().numpy()))  # type: ignore[attr-defined]
+        if on_batch is not None:
+            on_batch(keys, imgs, recon, tok.cpu().numpy())
     if not res.keys:
         raise TokError("no image could be reconstructed" + (f" ({len(res.errors)} failed)" if res.errors else ""))
     return res

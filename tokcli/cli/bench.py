@@ -1,56 +1,213 @@
-"""`tok bench`: measure tokenizers under one protocol (reconstruction metrics for now)."""
+"""`tok bench`: one evaluation protocol for every tokenizer (docs/evaluation.md).
+
+    tok bench {psnr,ssim,lpips,rfid,usage,all} DATA -m MODEL [--n N] [--size S] [--json] [--report report.md]
+    tok bench throughput -m MODEL [--batch-size 1,8] [--size S] [--precision fp32|tf32]
+    tok bench stats DATA -o ref.npz
+    tok bench report RESULT.json... -o report.md
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli.common import (BatchOpt, DeviceOpt, ModelOpt, QuietOpt, SeedOpt, SizeOpt, SkipOpt, WorkersOpt,
-                               cli_errors, print_json, report_failures)
+from tokcli.cli.common import (DeviceOpt, ModelOpt, PrecisionOpt, QuietOpt, SeedOpt, SkipOpt, WorkersOpt, cli_errors,
+                               err, report_failures)
 
-app = typer.Typer(help="Measure tokenizers (JSON on stdout).", no_args_is_help=True)
+app = typer.Typer(help="Measure tokenizers under one protocol (JSON with --json; every choice recorded).",
+                  no_args_is_help=True)
 
-METRICS = ("psnr", "ssim", "lpips", "usage", "bpp")
+DataArg = Annotated[list[str], typer.Argument(help="image files and/or folders (recursive); - reads a list of "
+                                                   "paths from stdin")]
+SizeOpt = Annotated[Optional[int], typer.Option("--size", "--image-size", min=8,
+                                                help="ADM centre-crop size [default: the model's]")]
+BenchBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="images per forward pass")]
+
+METRIC_HELP = {
+    "psnr": "PSNR (uint8 rounded, per image, range 255, mean over images)",
+    "ssim": "SSIM (Wang et al.: Gaussian 11x11, sigma 1.5, uint8)",
+    "lpips": "LPIPS v0.1 (lpips package, AlexNet by default; pretrained backbone from $TORCH_HOME or "
+             "--lpips-weights)",
+    "rfid": "rFID: FID Inception statistics of the originals (or --ref-stats) vs the reconstructions",
+    "usage": "codebook usage and perplexity per group, bits per pixel",
+    "all": "every metric in one pass over the reconstructions (metrics whose weights are missing are skipped and "
+           "listed, unless --strict)",
+}
+SETS = {"psnr": ["psnr", "bpp"], "ssim": ["ssim", "bpp"], "lpips": ["lpips", "bpp"], "rfid": ["rfid", "bpp"],
+        "usage": ["usage", "bpp"], "all": ["psnr", "ssim", "lpips", "rfid", "usage", "bpp"]}
 
 
-@app.command("recon")
-def recon_cmd(
-    inputs: Annotated[list[str], typer.Argument(help="image files and/or folders; - reads a list from stdin")],
+def _summary(result: dict) -> str:
+    m = result["metrics"]
+    p = result["protocol"]
+    parts = [f"{result['model']['name']}  N={p['n_images']}  {p['image_size']}px"]
+    for k, fmt in (("psnr", "PSNR {:.2f} dB"), ("ssim", "SSIM {:.4f}"), ("lpips", "LPIPS {:.4f}"),
+                   ("rfid", "rFID {:.3f}")):
+        if k in m:
+            parts.append(fmt.format(m[k]))
+    if "usage" in m:
+        parts.append(f"usage {100 * m['usage']['usage']:.1f}%  perplexity {m['usage']['perplexity']:.1f}")
+    if "bpp" in m:
+        parts.append(f"{m['bpp']['tokens']:.4g} bpp")
+    for k, why in result.get("skipped", {}).items():
+        parts.append(f"{k}: skipped")
+    return "  ".join(parts)
+
+
+def _emit(result: dict, *, as_json: bool, output: Optional[str]) -> None:
+    if output:
+        from tokcli.core.atomic import atomic_write_text
+
+        atomic_write_text(output, json.dumps(result, indent=2, default=str) + "\n")
+    if as_json:
+        print(json.dumps(result, default=str), flush=True)
+    else:
+        print(_summary(result), flush=True)
+
+
+def _metric_command(which: str):
+    def command(
+        data: DataArg,
+        model: ModelOpt = None,
+        n: Annotated[Optional[int], typer.Option("--n", min=1, help="only the first N images (sorted order)")] = None,
+        size: SizeOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print the full result as one JSON line")] = False,
+        output: Annotated[Optional[str], typer.Option("--output", "-o", help="also write the JSON here")] = None,
+        report: Annotated[Optional[str], typer.Option("--report", help="write a markdown report with a "
+                                                                       "rate-distortion plot and an image grid")] = None,
+        save_recon: Annotated[Optional[str], typer.Option("--save-recon", help="keep the reconstructions as PNGs "
+                                                                               "(for other evaluators)")] = None,
+        ref_stats: Annotated[Optional[str], typer.Option("--ref-stats", help="rFID reference statistics (ADM mu/sigma "
+                                                                             "npz) instead of the originals")] = None,
+        psnr_mode: Annotated[str, typer.Option("--psnr-mode", help="tok | wetok | flowmo | llamagen (legacy modes "
+                                                                   "reproduce official scripts)")] = "tok",
+        ssim_mode: Annotated[str, typer.Option("--ssim-mode", help="tok | wetok | flowmo | llamagen")] = "tok",
+        lpips_net: Annotated[str, typer.Option("--lpips-net", help="alex (the protocol's) or vgg")] = "alex",
+        lpips_weights: Annotated[Optional[str], typer.Option("--lpips-weights", help="torchvision backbone file "
+                                                                                     "for LPIPS")] = None,
+        inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="FID Inception "
+                                                                 "weights (pt_inception-2015-12-05-6726825d.pth)")] = None,
+        strict: Annotated[bool, typer.Option("--strict", help="all: fail instead of skipping a metric whose "
+                                                              "weights are missing")] = False,
+        device: DeviceOpt = "auto",
+        batch_size: BenchBatchOpt = 8,
+        workers: WorkersOpt = 0,
+        seed: SeedOpt = 0,
+        precision: PrecisionOpt = "fp32",
+        skip_errors: SkipOpt = False,
+        quiet: QuietOpt = False,
+    ):
+        with cli_errors():
+            from tokcli.bench import evaluate
+            from tokcli.core.images import collect_inputs
+
+            items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
+            result, errors, grid = evaluate(
+                items, model=model, metrics=SETS[which], n=n, image_size=size, device=device, batch_size=batch_size,
+                workers=workers, seed=seed, precision=precision, skip_errors=skip_errors, quiet=quiet,
+                save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
+                lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
+                strict=strict or which != "all")
+            _emit(result, as_json=as_json, output=output)
+            if report:
+                from tokcli.report import write_report
+
+                paths = write_report([result], report, grid=grid)
+                if not quiet:
+                    err("report: " + ", ".join(str(p) for p in paths))
+            report_failures(errors)
+
+    command.__doc__ = METRIC_HELP[which] + "."
+    return command
+
+
+for _name in ("psnr", "ssim", "lpips", "rfid", "usage", "all"):
+    app.command(_name)(_metric_command(_name))
+
+
+@app.command("throughput")
+def throughput_cmd(
     model: ModelOpt = None,
-    metrics: Annotated[str, typer.Option("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")] =
-    "psnr,ssim,usage,bpp",
-    lpips_net: Annotated[str, typer.Option("--lpips-net", help="alex (the protocol's) or vgg")] = "alex",
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="also write the JSON result here")] = None,
-    save_images: Annotated[Optional[str], typer.Option("--save-images", help="write reconstructions here")] = None,
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="comma list of batch sizes")] = "1,8",
+    size: SizeOpt = None,
+    precision: PrecisionOpt = "fp32",
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 2,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="timed repeats (the median is reported)")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="also write the JSON here")] = None,
     device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 8,
+    quiet: QuietOpt = False,
+):
+    """Encode / decode / reconstruct images per second and peak memory (warm-up excluded, median of repeats)."""
+    with cli_errors():
+        from tokcli.bench import throughput
+        from tokcli.errors import TokUsageError
+
+        try:
+            sizes = [int(b) for b in batch_size.split(",") if b.strip()]
+        except ValueError:
+            raise TokUsageError(f"--batch-size takes a comma list of integers, got {batch_size!r}") from None
+        result = throughput(model, batch_sizes=sizes, size=size, device=device, precision=precision, warmup=warmup,
+                            iters=iters, quiet=quiet)
+        if output:
+            from tokcli.core.atomic import atomic_write_text
+
+            atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+        if as_json:
+            print(json.dumps(result), flush=True)
+        else:
+            for r in result["results"]:
+                print(f"{result['model']['name']}  batch {r['batch']}  encode {r['encode_img_s']:.2f} img/s  "
+                      f"decode {r['decode_img_s']:.2f} img/s  reconstruct {r['reconstruct_img_s']:.2f} img/s",
+                      flush=True)
+
+
+@app.command("stats")
+def stats_cmd(
+    data: DataArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="statistics file to write (ADM mu/sigma .npz)")],
+    size: Annotated[int, typer.Option("--size", "--image-size", min=8, help="ADM centre-crop size")] = 256,
+    inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="FID Inception weights")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: BenchBatchOpt = 50,
     workers: WorkersOpt = 0,
-    image_size: SizeOpt = None,
-    seed: SeedOpt = 0,
     skip_errors: SkipOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Reconstruction quality: PSNR / SSIM (uint8, rounded), LPIPS, codebook usage, bits per pixel."""
+    """FID reference statistics of a folder (e.g. ImageNet-val after the ADM crop) for --ref-stats."""
     with cli_errors():
-        from tokcli.errors import TokUsageError
-
-        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
-        bad = [m for m in wanted if m not in METRICS]
-        if bad or not wanted:
-            raise TokUsageError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METRICS)}")
-        from tokcli.bench import recon_bench
+        from tokcli.bench import folder_stats
         from tokcli.core.images import collect_inputs
 
-        items = collect_inputs(inputs, stdin=sys.stdin if "-" in inputs else None)
-        result, errors = recon_bench(items, model=model, metrics=wanted, lpips_net=lpips_net, device=device,
-                                     batch_size=batch_size, workers=workers, image_size=image_size, seed=seed,
-                                     skip_errors=skip_errors, quiet=quiet, save_images=save_images)
-        if output:
-            from tokcli.core.atomic import atomic_write_text
-            import json
-
-            atomic_write_text(output, json.dumps(result, indent=2, default=str) + "\n")
-        print_json(result)
+        items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
+        summary, errors = folder_stats(items, output, size=size, inception_weights=inception_weights, device=device,
+                                       batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
+        print(json.dumps(summary), flush=True)
         report_failures(errors)
+
+
+@app.command("report")
+def report_cmd(
+    results: Annotated[list[str], typer.Argument(help="JSON results written by tok bench ... -o")],
+    output: Annotated[str, typer.Option("--output", "-o", help="markdown report to write (PNGs beside it)")],
+):
+    """Combine saved results of several models into one report with a rate-distortion plot."""
+    with cli_errors():
+        from tokcli.errors import TokError
+        from tokcli.report import write_report
+
+        loaded = []
+        for path in results:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    r = json.load(f)
+            except (OSError, ValueError) as e:
+                raise TokError(f"{path}: not a readable JSON result ({e})") from None
+            if not isinstance(r, dict) or "metrics" not in r or "model" not in r:
+                raise TokError(f"{path}: not a tok bench result (no 'model' / 'metrics')")
+            loaded.append(r)
+        for p in write_report(loaded, output):
+            print(p, flush=True)

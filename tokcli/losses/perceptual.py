@@ -52,22 +52,26 @@ def _copy_backbone(trunk: nn.Module, state: dict, source: Path) -> None:
         raise MissingWeightsError(f"{source}: no backbone tensors were loaded")
 
 
-def load_lpips(net: str = "vgg", *, backbone: str = "pretrained", device="cpu") -> nn.Module:
+def load_lpips(net: str = "vgg", *, backbone: str = "pretrained", device="cpu",
+               weights: str | Path | None = None) -> nn.Module:
     """An ``lpips.LPIPS`` module (v0.1 linear heads), in eval mode with every parameter frozen.
 
     net: ``"vgg"`` (the training loss of WeTok) or ``"alex"`` (the usual metric).
     backbone: ``"pretrained"`` (torchvision ImageNet weights from the hub cache; MissingWeightsError naming the
     file, the folder and the URL when absent) or ``"random"`` (random backbone; only when a recipe asks for it).
+    weights: an explicit backbone file (torchvision format) instead of the hub cache (``--lpips-weights``).
     """
     if backbone not in ("pretrained", "random"):
         raise TokUsageError(f"LPIPS backbone must be 'pretrained' or 'random', got {backbone!r}")
-    path = backbone_path(net)
+    path = backbone_path(net) if weights is None else Path(weights)
+    if backbone == "pretrained" and weights is not None and not path.is_file():
+        raise MissingWeightsError(f"LPIPS-{net} backbone file {path} does not exist")
     if backbone == "pretrained" and not path.is_file():
         fname, url = BACKBONE_FILES[net]
         raise MissingWeightsError(
             f"LPIPS-{net} needs the torchvision backbone {fname} in {path.parent} (it normally comes from {url}; "
-            f"there is no download here): put the file there or set TORCH_HOME, or choose perceptual = "
-            f"\"lpips-{net}-random\" or \"none\" in the recipe")
+            f"there is no download here): put the file there or set TORCH_HOME (tok bench: or pass --lpips-weights "
+            f"FILE; training: or choose perceptual = \"lpips-{net}-random\" or \"none\" in the recipe)")
 
     import warnings
 

@@ -1,0 +1,186 @@
+"""tok bench: values against independent computations, the protocol record, missing weights, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_tok
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory) -> Path:
+    """A $TORCH_HOME whose hub cache holds FID Inception weights: random ones, which exercise the real loading
+    path and the statistics (values are checked against an independent computation, not against paper numbers)."""
+    import torch
+
+    from tokcli.metrics.fid import FIDInception
+
+    home = tmp_path_factory.mktemp("torch_home")
+    ckpt = home / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.manual_seed(0)
+    net = FIDInception()
+    with torch.no_grad():  # non-trivial BatchNorm statistics so features are not degenerate
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), ckpt / INCEPTION_FILE)
+    return home
+
+
+def _crops(images: Path, size: int) -> dict[str, np.ndarray]:
+    from tokcli.core.images import collect_inputs, load_cropped
+
+    return {it.key: load_cropped(it, size) for it in collect_inputs([str(images)])}
+
+
+def test_psnr_ssim_equal_independent_scoring_of_saved_reconstructions(tiny_model, images, tmp_path):
+    from tokcli.bench import evaluate
+    from tokcli.core.images import collect_inputs
+    from tokcli.metrics.image import psnr, ssim
+
+    items = collect_inputs([str(images)])
+    res, errors, grid = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["psnr", "ssim", "usage", "bpp"],
+                                 device="cpu", batch_size=2, save_recon=str(tmp_path / "rec"), quiet=True)
+    assert errors == []
+    orig = _crops(images, 32)
+    keys = res["per_image"]["key"]
+    assert sorted(keys) == sorted(orig)
+    a = np.stack([orig[k] for k in keys])
+    b = np.stack([np.asarray(Image.open(tmp_path / "rec" / (Path(k).with_suffix(".png")))) for k in keys])
+    assert res["metrics"]["psnr"] == pytest.approx(float(np.mean(psnr(a, b))), abs=1e-9)
+    assert res["metrics"]["ssim"] == pytest.approx(float(np.mean(ssim(a, b))), abs=1e-12)
+    assert res["per_image"]["psnr"] == pytest.approx(list(psnr(a, b)))
+    # the grid holds the first pairs, original pixels unchanged
+    g_orig, g_recon, g_keys = grid
+    assert g_keys == keys[:len(g_keys)] and np.array_equal(g_orig[0], orig[g_keys[0]])
+    u = res["metrics"]["usage"]
+    assert u["tokens"] == 5 * 16 * 16 * 2 and len(u["groups"]) == 2
+    p = res["protocol"]
+    for field in ("n_images", "image_size", "crop", "uint8", "psnr", "ssim", "tok_version", "device", "seed"):
+        assert p[field] is not None, field
+    assert res["model"]["sha256"] and p["n_images"] == 5
+
+
+def test_n_and_legacy_mode_change_the_number(tiny_model, images):
+    from tokcli.bench import evaluate
+    from tokcli.core.images import collect_inputs
+
+    items = collect_inputs([str(images)])
+    kw = dict(model=f"local-dir:{tiny_model}", metrics=["psnr"], device="cpu", quiet=True)
+    full, _, _ = evaluate(items, **kw)
+    two, _, _ = evaluate(items, n=2, **kw)
+    assert two["protocol"]["n_images"] == 2 and two["per_image"]["psnr"] == full["per_image"]["psnr"][:2]
+    legacy, _, _ = evaluate(items, psnr_mode="wetok", **kw)
+    assert "legacy" in legacy["protocol"]["psnr"]
+    assert legacy["metrics"]["psnr"] != pytest.approx(full["metrics"]["psnr"], abs=1e-6)
+
+
+def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    import torch
+
+    from tokcli.bench import evaluate
+    from tokcli.core.images import collect_inputs
+    from tokcli.metrics import fid
+
+    items = collect_inputs([str(images)])
+    res, _, _ = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu",
+                         save_recon=str(tmp_path / "rec"), quiet=True)
+    keys = res["per_image"]["key"]
+    orig = _crops(images, 32)
+    a = np.stack([orig[k] for k in keys])
+    b = np.stack([np.asarray(Image.open(tmp_path / "rec" / Path(k).with_suffix(".png"))) for k in keys])
+    net, sha = fid.load_fid_inception(None, device=torch.device("cpu"))
+    fa = fid.features_from_uint8(net, a, batch_size=5, device=torch.device("cpu"))
+    fb = fid.features_from_uint8(net, b, batch_size=5, device=torch.device("cpu"))
+    ref = fid.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    assert res["metrics"]["rfid"] == pytest.approx(ref, rel=1e-6)
+    assert res["metrics"]["rfid"] > 0
+    rp = res["protocol"]["rfid"]
+    assert rp["weights_sha256"] == sha and "originals" in rp["reference"]
+
+    # the same reference as a statistics file (tok bench stats) gives the same number
+    stats = tmp_path / "ref.npz"
+    p = run_tok("bench", "stats", images, "-o", stats, "--size", "32", "--device", "cpu", "-q",
+                env={"TORCH_HOME": str(torch_home)})
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout)["n_images"] == 5
+    with np.load(stats, allow_pickle=False) as z:
+        assert np.allclose(z["mu"], fa.mean(0)) and np.allclose(z["sigma"], np.cov(fa, rowvar=False))
+    res2, _, _ = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu",
+                          ref_stats=str(stats), quiet=True)
+    assert res2["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
+    assert "ref.npz" in res2["protocol"]["rfid"]["reference"]
+
+
+def test_missing_weights_fail_cleanly(tiny_model, images, tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    for metric, fname in (("rfid", INCEPTION_FILE), ("lpips", "alexnet-owt-7be5be79.pth")):
+        p = run_tok("bench", metric, images, "-m", tiny_model, env=env)
+        err = p.stderr.decode()
+        assert p.returncode == 1, err
+        assert fname in err and "Traceback" not in err
+        assert p.stdout == b""
+
+
+def test_all_skips_missing_weights_with_reasons_and_writes_report(tiny_model, images, tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    report = tmp_path / "rep" / "report.md"
+    report.parent.mkdir()
+    p = run_tok("bench", "all", images, "-m", tiny_model, "--json", "--report", report, env=env)
+    assert p.returncode == 0, p.stderr.decode()
+    lines = p.stdout.decode().strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert set(res["skipped"]) == {"lpips", "rfid"}
+    assert INCEPTION_FILE in res["skipped"]["rfid"]
+    assert {"psnr", "ssim", "usage", "bpp"} <= set(res["metrics"])
+    assert b"rfid skipped" in p.stderr
+    text = report.read_text()
+    assert "wetok" in text or "tiny" in text
+    pngs = sorted(report.parent.glob("*.png"))
+    assert pngs, "the report has a plot"
+    for png in pngs:
+        assert np.asarray(Image.open(png)).std() > 0
+    p = run_tok("bench", "all", images, "-m", tiny_model, "--strict", env=env)
+    assert p.returncode == 1 and INCEPTION_FILE.encode() in p.stderr or b"alexnet" in p.stderr
+
+
+def test_report_combines_saved_results(tiny_model, tiny_model_other, images, tmp_path):
+    outs = []
+    for i, m in enumerate((tiny_model, tiny_model_other)):
+        out = tmp_path / f"r{i}.json"
+        p = run_tok("bench", "psnr", images, "-m", m, "-o", out, "-q")
+        assert p.returncode == 0, p.stderr.decode()
+        outs.append(out)
+    p = run_tok("bench", "report", *outs, "-o", tmp_path / "cmp.md")
+    assert p.returncode == 0, p.stderr.decode()
+    text = (tmp_path / "cmp.md").read_text()
+    assert "tiny" in text and "tiny-other" in text
+    p = run_tok("bench", "report", images / "img0.png", "-o", tmp_path / "bad.md")
+    assert p.returncode == 1 and b"not a readable JSON result" in p.stderr
+
+
+def test_throughput_json(tiny_model):
+    p = run_tok("bench", "throughput", "-m", tiny_model, "-b", "1,2", "--iters", "2", "--warmup", "1",
+                "--device", "cpu", "--json", "-q")
+    assert p.returncode == 0, p.stderr.decode()
+    res = json.loads(p.stdout)
+    rows = res["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["encode_img_s"] == pytest.approx(r["batch"] / r["encode_s"])
+        assert r["encode_img_s"] > 0 and r["decode_img_s"] > 0 and r["reconstruct_img_s"] > 0
+        assert r["peak_rss_gib"] > 0
+    assert res["protocol"]["image_size"] == 32 and res["protocol"]["statistic"] == "median"
+    p = run_tok("bench", "throughput", "-m", tiny_model, "-b", "1,x")
+    assert p.returncode == 2 and b"comma list" in p.stderr

@@ -1,0 +1,511 @@
+"""FID: the TF-ported Inception-v3 pool3 features, streaming float64 statistics, and the Fréchet distance.
+
+Definitions (what every number written by tok means):
+
+- **Network.** Inception-v3 from TensorFlow's ``inception-2015-12-05`` graph as ported to PyTorch by pytorch-fid
+  (weights ``pt_inception-2015-12-05-6726825d.pth``; torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``
+  is its copy of that port, with the same key names). It differs from torchvision's Inception-v3 in the
+  weights, in 1008 output classes, in the average-pool branches of Mixed_5b-5d, Mixed_6b-6e and Mixed_7b, which
+  average only over in-image pixels (TF's pooling ignores the zero padding: ``count_include_pad=False``), and in
+  Mixed_7c, whose pool branch is a 3x3 *max* pool (as in the TF graph). The classifier ``fc`` is loaded but unused.
+- **Features.** The 2048-d output of the final global average pool ("pool3"), float32.
+- **Input.** :class:`FIDInception` takes float images in [-1, 1], [N, 3, H, W], any H and W, and resizes them to
+  299x299 with ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``: pytorch-fid's resize (no
+  antialiasing, so a downscale from a large image aliases exactly as it does there; this is not torch-fidelity's
+  TF1-exact resize, nor clean-fid's PIL bicubic). :func:`features_from_uint8` takes uint8 [N, H, W, 3] and does what
+  pytorch-fid does to an image file, in its order: ``x / 255``, resize, ``2x - 1``, so its features are
+  pytorch-fid's.
+- **Statistics.** :class:`FeatureStats` keeps n, the feature sum and the sum of outer products ``Σ x xᵀ`` in
+  float64; mean ``μ = Σx / n`` and the unbiased covariance ``Σ = (Σ x xᵀ - n μ μᵀ) / (n - 1)`` (as ``np.cov(...,
+  rowvar=False)``, which pytorch-fid uses). Statistics of disjoint sets merge exactly by adding the sums.
+- **Stats files.** npz in the ADM / pytorch-fid layout: ``mu`` float64 [D], ``sigma`` float64 [D, D]. tok also
+  writes ``n``, ``feature_sum`` and ``feature_outer`` so that its files can be merged exactly; files with only
+  ``mu``/``sigma`` (ADM reference batches, ``pytorch_fid --save-stats``) are read too. Files are read with
+  ``allow_pickle=False`` only and written atomically.
+- **FID.** ``d² = ||μ₁ - μ₂||² + Tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^½)`` with ``scipy.linalg.sqrtm``. As in pytorch-fid:
+  when the square root is not finite (a singular product) ``eps`` is added to both diagonals and it is
+  retried; an imaginary part is dropped when the diagonal's is below 1e-3 in absolute value, otherwise it is an
+  error.
+
+Weights are looked up (:func:`load_fid_inception`): an explicit file, then ``$TORCH_HOME/hub/checkpoints`` under
+pytorch-fid's or torch-fidelity's file name, then pytorch-fid's GitHub release unless ``HF_HUB_OFFLINE`` or
+``TOK_OFFLINE`` is set. There is never a random-weights fallback; the sha256 of the file is returned for the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import inception as tv_inception
+
+from tokcli.core.atomic import atomic_path
+from tokcli.errors import MissingWeightsError, TokError
+
+FEATURE_DIM = 2048
+INPUT_SIZE = 299
+NUM_CLASSES = 1008
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
+WEIGHTS_FILE_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name, same layout
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+STATS_EXTRA_KEYS = ("n", "feature_sum", "feature_outer")
+
+# ----------------------------------------------------------------------------------------------------- network
+
+
+def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """3x3 stride-1 average pool that, like TF's, divides by the number of in-image pixels at the border."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _max_pool_same(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class _BlockA(tv_inception.InceptionA):
+    """torchvision's InceptionA layers; pool branch with TF's border averaging."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_tf_avg_pool(x))
+        return torch.cat([b1, b5, b3, bp], 1)
+
+
+class _BlockC(tv_inception.InceptionC):
+    """torchvision's InceptionC layers; pool branch with TF's border averaging."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                      self.branch7x7dbl_5):
+            bd = layer(bd)
+        bp = self.branch_pool(_tf_avg_pool(x))
+        return torch.cat([b1, b7, bd, bp], 1)
+
+
+class _BlockE(tv_inception.InceptionE):
+    """torchvision's InceptionE layers; pool branch ``"avg"`` (TF border averaging; Mixed_7b) or ``"max"``
+    (Mixed_7c)."""
+
+    def __init__(self, in_channels: int, pool: str) -> None:
+        super().__init__(in_channels)
+        self._pool = _tf_avg_pool if pool == "avg" else _max_pool_same
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.branch1x1(x)
+        t = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(t), self.branch3x3_2b(t)], 1)
+        t = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(t), self.branch3x3dbl_3b(t)], 1)
+        bp = self.branch_pool(self._pool(x))
+        return torch.cat([b1, b3, bd, bp], 1)
+
+
+def resize_299(x: torch.Tensor) -> torch.Tensor:
+    """pytorch-fid's resize: bilinear to 299x299, ``align_corners=False``, no antialiasing."""
+    return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=False)
+
+
+class FIDInception(nn.Module):
+    """The FID Inception-v3 (see the module docstring). ``forward``: float [N, 3, H, W] in [-1, 1] -> [N, 2048].
+
+    Parameter names equal those of pytorch-fid's ``fid_inception_v3()`` (``Conv2d_1a_3x3.conv.weight`` ...
+    ``Mixed_7c.branch_pool.bn.running_var``, ``fc.weight``), so its weight file loads with ``strict=True``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = tv_inception.BasicConv2d
+        self.Conv2d_1a_3x3 = conv(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = conv(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = conv(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = conv(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = conv(80, 192, kernel_size=3)
+        self.Mixed_5b = _BlockA(192, pool_features=32)
+        self.Mixed_5c = _BlockA(256, pool_features=64)
+        self.Mixed_5d = _BlockA(288, pool_features=64)
+        self.Mixed_6a = tv_inception.InceptionB(288)
+        self.Mixed_6b = _BlockC(768, channels_7x7=128)
+        self.Mixed_6c = _BlockC(768, channels_7x7=160)
+        self.Mixed_6d = _BlockC(768, channels_7x7=160)
+        self.Mixed_6e = _BlockC(768, channels_7x7=192)
+        self.Mixed_7a = tv_inception.InceptionD(768)
+        self.Mixed_7b = _BlockE(1280, pool="avg")
+        self.Mixed_7c = _BlockE(2048, pool="max")
+        self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)  # the TF classifier: in the weight file, unused for FID
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, source: str = "the state dict") -> "FIDInception":
+        """Build the network from pytorch-fid's state dict (strict: every key and shape must match), eval mode,
+        frozen, on the CPU. ``source`` names the file in error messages."""
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise MissingWeightsError(f"{source} is not a state dict of tensors (expected the FID Inception weights "
+                                      f"{WEIGHTS_FILE})")
+        state = {}
+        for k, v in state_dict.items():
+            state[k] = v.detach().to(dtype=torch.float32, copy=True) if v.is_floating_point() else v.detach().clone()
+        # BatchNorm step counters do not affect eval-mode outputs; some exports of these weights omit them.
+        with torch.device("meta"):
+            model = cls()
+        for name, buf in model.named_buffers():
+            if name.endswith("num_batches_tracked") and name not in state:
+                state[name] = torch.zeros((), dtype=torch.long)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise MissingWeightsError(f"{source} is not the FID Inception-v3 weights ({WEIGHTS_FILE}): "
+                                      f"{detail[:300]}") from None
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def pool3(self, x: torch.Tensor) -> torch.Tensor:
+        """The network proper on already-resized input: float [N, 3, 299, 299] in [-1, 1] -> [N, 2048]."""
+        x = self.Conv2d_1a_3x3(x)
+        x = self.Conv2d_2a_3x3(x)
+        x = self.Conv2d_2b_3x3(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = self.Conv2d_3b_1x1(x)
+        x = self.Conv2d_4a_3x3(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"FIDInception expects float images [N, 3, H, W] in [-1, 1], got shape {tuple(x.shape)}")
+        x = x.to(device=self.fc.weight.device, dtype=torch.float32)
+        return self.pool3(resize_299(x))
+
+
+# ----------------------------------------------------------------------------------------------------- weights
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() not in ("", "0", "false", "no", "off")
+               for k in ("HF_HUB_OFFLINE", "TOK_OFFLINE"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_folder() -> Path:
+    """Where pytorch-fid and torch-fidelity keep the weights: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _missing_message(folder: Path, why: str) -> str:
+    return (f"FID needs the Inception weights {WEIGHTS_FILE} in {folder} ({why}): put the file there (from "
+            f"{WEIGHTS_URL}; torch-fidelity's {WEIGHTS_FILE_FIDELITY} also works) or pass --inception-weights FILE")
+
+
+def find_fid_weights(weights: str | os.PathLike | None = None) -> Path | None:
+    """The weight file that would be used, without downloading: ``weights`` (must exist) or a cached copy."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"--inception-weights {path} does not exist (expected the FID Inception "
+                                      f"weights {WEIGHTS_FILE})")
+        return path
+    folder = weights_folder()
+    for name in (WEIGHTS_FILE, WEIGHTS_FILE_FIDELITY):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_fid_inception(weights: str | os.PathLike | None = None, device="cpu") -> tuple[FIDInception, str]:
+    """The FID Inception in eval mode on ``device`` and the sha256 (hex) of its weight file.
+
+    Search order: ``weights``; ``$TORCH_HOME/hub/checkpoints/`` under pytorch-fid's name (``WEIGHTS_FILE``) or
+    torch-fidelity's; a download of pytorch-fid's release file into that folder unless ``HF_HUB_OFFLINE`` or
+    ``TOK_OFFLINE`` is set. Otherwise a one-line :class:`MissingWeightsError`; never random weights.
+    """
+    path = find_fid_weights(weights)
+    if path is None:
+        folder = weights_folder()
+        if _offline():
+            raise MissingWeightsError(_missing_message(folder, "offline mode is on, so it is not downloaded"))
+        try:
+            state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, model_dir=str(folder), file_name=WEIGHTS_FILE,
+                                                       progress=True, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MissingWeightsError(_missing_message(folder, f"the download failed: {type(e).__name__}: "
+                                                               f"{str(e).splitlines()[0] if str(e) else ''}"))
+        path = folder / WEIGHTS_FILE
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated download, a pickled model instead of a state dict, ...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MissingWeightsError(f"cannot read the FID Inception weights {path} ({type(e).__name__}: "
+                                      f"{msg[:200]}); replace it with the original {WEIGHTS_FILE}") from None
+    model = FIDInception.from_state_dict(state, source=str(path))
+    return model.to(device), sha256_file(path)
+
+
+# ----------------------------------------------------------------------------------------------------- features
+
+
+@torch.inference_mode()
+def features_from_uint8(model: FIDInception, images, batch_size: int = 50, device=None) -> np.ndarray:
+    """pool3 features (float64 numpy [N, 2048]) of uint8 images [N, H, W, 3] (numpy or torch).
+
+    Per image, as pytorch-fid does for a file: ``x / 255`` in float32, bilinear resize to 299, ``2x - 1``.
+    ``device`` defaults to the model's.
+    """
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            raise TypeError(f"features_from_uint8 expects uint8 images, got {images.dtype}")
+    else:
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise TypeError(f"features_from_uint8 expects uint8 images, got {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected RGB images [N, H, W, 3], got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else model.fc.weight.device
+    n = images.shape[0]
+    out = np.empty((n, FEATURE_DIM), dtype=np.float64)
+    for i in range(0, n, batch_size):
+        chunk = images[i:i + batch_size]
+        x = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
+        x = x.to(device).permute(0, 3, 1, 2).to(torch.float32).div(255)
+        x = 2 * resize_299(x) - 1
+        out[i:i + len(chunk)] = model.pool3(x).to(torch.float64).cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- statistics
+
+
+class FeatureStats:
+    """Streaming float64 statistics of feature vectors: ``n``, ``sum`` [D] and ``outer`` = Σ x xᵀ [D, D].
+
+    The sums live on ``device`` as float64 torch tensors (accumulate on the GPU when the features are there).
+    A stats object read from a file with only ``mu``/``sigma`` has no sums (``n`` is None): it can be compared
+    but not updated or merged.
+    """
+
+    def __init__(self, dim: int = FEATURE_DIM, device="cpu") -> None:
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        self.n: int | None = 0
+        self.sum: torch.Tensor | None = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        self.outer: torch.Tensor | None = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._fixed: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) of a file without sums
+        self.source: str | None = None
+
+    @property
+    def has_sums(self) -> bool:
+        return self._fixed is None
+
+    def _need_sums(self, what: str) -> None:
+        if not self.has_sums:
+            raise TokError(f"cannot {what} FID statistics read from {self.source or 'a file'}: it has only mu/sigma, "
+                           f"not the sums (n, feature_sum, feature_outer) that tok writes")
+
+    def update(self, features) -> "FeatureStats":
+        """Add a batch of features [B, D] (numpy or torch, any float dtype); summed in float64."""
+        self._need_sums("update")
+        x = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected features [B, {self.dim}], got shape {tuple(x.shape)}")
+        x = x.detach().to(device=self.device, dtype=torch.float64)
+        self.n += int(x.shape[0])
+        self.sum += x.sum(dim=0)
+        self.outer += x.T @ x
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add the statistics of another (disjoint) set of features in place; exact up to float64 rounding."""
+        self._need_sums("merge")
+        other._need_sums("merge")
+        if other.dim != self.dim:
+            raise TokError(f"cannot merge FID statistics of {other.dim}-d features into {self.dim}-d ones")
+        self.n += other.n
+        self.sum += other.sum.to(self.device)
+        self.outer += other.outer.to(self.device)
+        return self
+
+    def all_reduce(self) -> "FeatureStats":
+        """Sum n, sum and outer over all processes of an initialised ``torch.distributed`` group (else no-op)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        self._need_sums("all-reduce")
+        comm = self.device
+        if dist.get_backend() == "nccl" and comm.type != "cuda":
+            comm = torch.device("cuda", torch.cuda.current_device())
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=comm)
+        s, o = self.sum.to(comm), self.outer.to(comm)
+        for t in (n, s, o):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        self.n = int(round(n.item()))
+        self.sum, self.outer = s.to(self.device), o.to(self.device)
+        return self
+
+    def mean(self) -> np.ndarray:
+        """μ = Σx / n, float64 [D]."""
+        if self._fixed is not None:
+            return self._fixed[0].copy()
+        if self.n < 1:
+            raise TokError("FID statistics of zero images have no mean")
+        return (self.sum / self.n).cpu().numpy()
+
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (Σ x xᵀ - n μ μᵀ) / (n - 1), float64 [D, D] (``np.cov(rowvar=False)``)."""
+        if self._fixed is not None:
+            return self._fixed[1].copy()
+        if self.n < 2:
+            raise TokError(f"FID statistics need at least 2 images for a covariance, got {self.n}")
+        mu = self.sum / self.n
+        c = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        c = 0.5 * (c + c.T)  # exactly symmetric, as np.cov's product is
+        return c.cpu().numpy()
+
+    def to_npz(self, path: str | os.PathLike) -> Path:
+        """Write ``mu``, ``sigma`` (ADM / pytorch-fid layout) plus ``n``, ``feature_sum``, ``feature_outer``
+        (when known), atomically."""
+        path = Path(path)
+        arrays = {"mu": self.mean(), "sigma": self.cov()}
+        if self.has_sums:
+            arrays.update(n=np.asarray(self.n, dtype=np.int64), feature_sum=self.sum.cpu().numpy(),
+                          feature_outer=self.outer.cpu().numpy())
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        return path
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike, device="cpu") -> "FeatureStats":
+        """Read a stats npz: tok's (with sums, mergeable) or ADM's / pytorch-fid's (``mu``, ``sigma`` only)."""
+        path = Path(path)
+        arrays = _read_npz(path)
+        mu, sigma = arrays["mu"], arrays["sigma"]
+        stats = cls(dim=mu.shape[0], device=device)
+        stats.source = str(path)
+        present = [k for k in STATS_EXTRA_KEYS if k in arrays]
+        if not present:
+            stats.n, stats.sum, stats.outer = None, None, None
+            stats._fixed = (mu, sigma)
+            return stats
+        if len(present) != len(STATS_EXTRA_KEYS):
+            raise TokError(f"FID statistics file {path} has {', '.join(present)} but not all of "
+                           f"{', '.join(STATS_EXTRA_KEYS)}")
+        n, s, o = arrays["n"], arrays["feature_sum"], arrays["feature_outer"]
+        d = mu.shape[0]
+        if n.shape != () or n.dtype.kind not in "iu" or int(n) < 2:
+            raise TokError(f"FID statistics file {path}: 'n' must be an integer >= 2, got {n!r}")
+        if s.shape != (d,) or o.shape != (d, d):
+            raise TokError(f"FID statistics file {path}: feature_sum {s.shape} / feature_outer {o.shape} do not "
+                           f"match mu {mu.shape}")
+        stats.n = int(n)
+        stats.sum = torch.from_numpy(s).to(stats.device)
+        stats.outer = torch.from_numpy(o).to(stats.device)
+        if not (np.allclose(stats.mean(), mu, rtol=1e-9, atol=1e-12)
+                and np.allclose(stats.cov(), sigma, rtol=1e-7, atol=1e-10)):
+            raise TokError(f"FID statistics file {path}: mu/sigma disagree with its sums (n, feature_sum, "
+                           f"feature_outer); the file was altered")
+        return stats
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Validated float64 arrays of a stats npz (``allow_pickle=False``; one-line TokError on anything odd)."""
+    if not path.is_file():
+        raise TokError(f"FID statistics file {path} does not exist")
+    not_npz = TokError(f"{path} is not an npz archive (FID statistics need keys mu and sigma)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError as e:  # a pickle file under allow_pickle=False
+        raise TokError(f"FID statistics file {path} holds pickled objects, which tok does not load "
+                       f"({str(e).splitlines()[0]}); expected plain numeric arrays mu and sigma") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise TokError(f"cannot read FID statistics file {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise not_npz
+    try:
+        names = set(z.files)
+        missing = [k for k in ("mu", "sigma") if k not in names]
+        if missing:
+            raise TokError(f"FID statistics file {path} has no {' or '.join(missing)} (keys: "
+                           f"{', '.join(sorted(names)) or 'none'}); expected mu [D] and sigma [D, D]")
+        arrays = {k: z[k] for k in ("mu", "sigma", *STATS_EXTRA_KEYS) if k in names}
+    except ValueError as e:  # object arrays under allow_pickle=False
+        raise TokError(f"FID statistics file {path} holds pickled objects, which tok does not load "
+                       f"({str(e).splitlines()[0]}); expected plain numeric arrays mu and sigma") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise TokError(f"cannot read FID statistics file {path} ({type(e).__name__}: {e})") from None
+    finally:
+        z.close()
+    for k, a in arrays.items():
+        if a.dtype.kind not in "fiu":
+            raise TokError(f"FID statistics file {path}: '{k}' has dtype {a.dtype}, expected real numbers")
+        if not np.isfinite(a).all():
+            raise TokError(f"FID statistics file {path}: '{k}' has non-finite values")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise TokError(f"FID statistics file {path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected "
+                       f"[D] and [D, D]")
+    arrays["mu"], arrays["sigma"] = mu, sigma
+    for k in ("feature_sum", "feature_outer"):
+        if k in arrays:
+            arrays[k] = arrays[k].astype(np.float64)
+    return arrays
+
+
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as float64 from any supported stats npz."""
+    s = FeatureStats.from_npz(path)
+    return s.mean(), s.cov()
+
+
+# ----------------------------------------------------------------------------------------------------- distance
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """``||μ₁ - μ₂||² + Tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^½)`` in float64 (the FID when given pool3 statistics)."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    d = mu1.shape[0]
+    if mu1.ndim != 1 or mu2.shape != mu1.shape or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise TokError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                       f"{sigma2.shape} (were they computed with the same feature extractor?)")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: the covariance product is singular; adding {eps} to both diagonals", RuntimeWarning,
+                      stacklevel=2)
+        offset = np.eye(d) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise TokError(f"FID: the matrix square root has a large imaginary part "
+                           f"({np.max(np.abs(covmean.imag)):.3g}); the statistics are degenerate")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

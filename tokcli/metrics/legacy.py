@@ -1,0 +1,108 @@
+"""PSNR / SSIM as the official repositories compute them, by name, for exact parity with a paper's table.
+
+tok's own protocol (``metrics/image.py``) rounds both images to uint8, takes PSNR per image with range 255 and SSIM
+with an 11x11 Gaussian window. The papers' numbers come from code that does otherwise (research notes, ecosystem
+§2.4); these modes reproduce that code's arithmetic on the same images so the two can be told apart:
+
+=============  =============================================================================================
+mode           what the official evaluation does
+=============  =============================================================================================
+``tok``        the protocol: round to uint8, PSNR per image (range 255), SSIM Gaussian 11x11 sigma 1.5
+``wetok``      WeTok ``evaluation_image_ddp.py``: uint8 by *truncation* of (x+1)/2*255; PSNR per image, range 255;
+               SSIM skimage defaults (7x7 uniform window, sample covariance), range 255
+``flowmo``     FlowMo / Open-MAGVIT2 ``evaluate.py``: uint8 by truncation; PSNR of the *whole batch* (one MSE
+               over ``batch`` images, the bug in the official loop), averaged over batches; SSIM skimage defaults
+``llamagen``   LlamaGen ``reconstruction_vq_ddp.py`` (and SoftVQ): reconstruction to uint8 as
+               clamp(127.5x + 128) (note +128), original kept as float (x+1)/2; PSNR per image on [0, 1];
+               SSIM skimage defaults with ``data_range=2.0`` on [0, 1] images (inflates SSIM)
+=============  =============================================================================================
+
+All functions take the originals and reconstructions as float arrays in [-1, 1], [N, H, W, 3] (numpy), because
+truncation and the +128 offset act before any uint8 exists. Each returns per-image values (``flowmo`` PSNR returns
+one value per batch; its mean is the paper's figure).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+MODES = ("tok", "wetok", "flowmo", "llamagen")
+SKIMAGE_WIN = 7
+
+
+def _check(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"expected two [N, H, W, C] arrays of one shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def _truncate(x: np.ndarray) -> np.ndarray:
+    """(x + 1) / 2 * 255 cast to uint8 (C truncation), as ``.to(torch.uint8)`` / ``.astype(np.uint8)`` do."""
+    return np.clip((np.clip(x, -1, 1) + 1) / 2 * 255, 0, 255).astype(np.uint8)
+
+
+def _round(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _psnr_per_image(a: np.ndarray, b: np.ndarray, data_range: float) -> np.ndarray:
+    d = (a.astype(np.float64) - b.astype(np.float64)).reshape(len(a), -1)
+    m = (d * d).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(data_range ** 2 / m)
+
+
+def ssim_skimage_default(a: np.ndarray, b: np.ndarray, data_range: float) -> np.ndarray:
+    """skimage ``structural_similarity(a, b, data_range=..., channel_axis=-1)`` with its defaults: 7x7 uniform
+    window, sample covariance (N/(N-1)), K1 0.01, K2 0.03, border of 3 pixels cropped, mean over channels."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    npix = SKIMAGE_WIN ** 2
+    cov_norm = npix / (npix - 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    pad = (SKIMAGE_WIN - 1) // 2
+    out = np.empty(len(a))
+    for i in range(len(a)):
+        vals = []
+        for c in range(a.shape[-1]):
+            x, y = a[i, ..., c], b[i, ..., c]
+            f = [ndimage.uniform_filter(v, size=SKIMAGE_WIN) for v in (x, y, x * x, y * y, x * y)]
+            ux, uy, uxx, uyy, uxy = f
+            vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
+            s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+            vals.append(s[pad:-pad, pad:-pad].mean())
+        out[i] = np.mean(vals)
+    return out
+
+
+def psnr(orig, recon, mode: str = "tok", *, batch: int = 5) -> np.ndarray:
+    """PSNR under ``mode`` (see the module table); ``batch`` is the official batch size for ``flowmo``."""
+    a, b = _check(orig, recon)
+    if mode == "tok":
+        return _psnr_per_image(_round(a), _round(b), 255.0)
+    if mode == "wetok":
+        return _psnr_per_image(_truncate(a), _truncate(b), 255.0)
+    if mode == "flowmo":
+        ta, tb = _truncate(a), _truncate(b)
+        return np.array([_psnr_per_image(ta[s:s + batch].reshape(1, -1), tb[s:s + batch].reshape(1, -1), 255.0)[0]
+                         for s in range(0, len(a), batch)])
+    if mode == "llamagen":
+        rec = np.clip(127.5 * b + 128, 0, 255).astype(np.uint8) / 255.0
+        return _psnr_per_image((a + 1) / 2, rec, 1.0)
+    raise ValueError(f"unknown PSNR mode {mode!r} (choose from {', '.join(MODES)})")
+
+
+def ssim(orig, recon, mode: str = "tok") -> np.ndarray:
+    """SSIM per image under ``mode`` (see the module table)."""
+    a, b = _check(orig, recon)
+    if mode == "tok":
+        from tokcli.metrics.image import ssim as ssim_tok
+
+        return ssim_tok(_round(a), _round(b))
+    if mode in ("wetok", "flowmo"):
+        return ssim_skimage_default(_truncate(a), _truncate(b), 255.0)
+    if mode == "llamagen":
+        rec = np.clip(127.5 * b + 128, 0, 255).astype(np.uint8) / 255.0
+        return ssim_skimage_default((a + 1) / 2, rec, 2.0)
+    raise ValueError(f"unknown SSIM mode {mode!r} (choose from {', '.join(MODES)})")
