@@ -184,3 +184,34 @@ def test_throughput_json(tiny_model):
     assert res["protocol"]["image_size"] == 32 and res["protocol"]["statistic"] == "median"
     p = run_tok("bench", "throughput", "-m", tiny_model, "-b", "1,x")
     assert p.returncode == 2 and b"comma list" in p.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home, tmp_path):
+    """Sharded over 2 gloo ranks: the same per-image values in input order, the same usage counts and the same
+    rFID (float64 sums all-reduced), with a stochastic decoder seeded by global position."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = ["bench", "all", str(images), "-m", str(tiny_gd_model), "--device", "cpu", "--json", "-q", "-b", "2",
+            "--seed", "5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TORCH_HOME": str(torch_home),
+           "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "tokcli", *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tokcli", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, "only rank 0 prints"
+    r1, r2 = json.loads(one.stdout), json.loads(lines[0])
+    assert r2["protocol"]["world_size"] == 2 and r1["protocol"]["world_size"] == 1
+    assert r2["per_image"]["key"] == r1["per_image"]["key"]
+    assert r2["per_image"]["psnr"] == pytest.approx(r1["per_image"]["psnr"], abs=1e-12)
+    assert r2["per_image"]["ssim"] == pytest.approx(r1["per_image"]["ssim"], abs=1e-12)
+    assert r2["metrics"]["usage"] == r1["metrics"]["usage"]
+    assert r2["metrics"]["rfid"] == pytest.approx(r1["metrics"]["rfid"], rel=1e-6)

@@ -102,12 +102,33 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
              lpips_weights: str | None = None, inception_weights: str | None = None, ref_stats: str | None = None,
              strict: bool = True, grid: int = 8):
     """Reconstruct ``items`` with ``model`` and score them. Returns (result dict, per-input errors, grid arrays or
-    None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing."""
+    None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing.
+
+    Under torchrun (WORLD_SIZE > 1) each rank takes every world-th image; per-image values, failures, code counts
+    and the float64 Inception sums are combined exactly, so the result equals a single-process run (the per-image
+    lists come back in input order). Every rank returns the result; the final rFID is computed on rank 0 only.
+    """
+    from tokcli.core.device import resolve_device
+    from tokcli.core.distributed import process_group
+
+    with process_group(resolve_device(device)) as (rank, world, dev):
+        return _evaluate(items, dev=dev, rank=rank, world=world, model=model, metrics=metrics, n=n,
+                         image_size=image_size, batch_size=batch_size, workers=workers, seed=seed,
+                         precision=precision, skip_errors=skip_errors, quiet=quiet or rank != 0,
+                         save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
+                         lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
+                         strict=strict, grid=grid)
+
+
+def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_size, workers, seed, precision,
+              skip_errors, quiet, save_recon, psnr_mode, ssim_mode, lpips_net, lpips_weights, inception_weights,
+              ref_stats, strict, grid):
     import torch
 
     import tokcli
     from tokcli import pipeline
-    from tokcli.core.device import resolve_device, set_precision
+    from tokcli.core.device import set_precision
+    from tokcli.core.distributed import gather_objects
     from tokcli.core.images import to_tensor, to_uint8
     from tokcli.metrics import legacy
 
@@ -121,8 +142,9 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
         if n <= 0:
             raise TokUsageError("--n must be positive")
         items = list(items)[:n]
+    items = list(items)
+    positions = {it.key: i for i, it in enumerate(items)}
     set_precision(precision)
-    dev = resolve_device(device)
     scorers, skipped = _load_scorers(metrics, lpips_net=lpips_net, lpips_weights=lpips_weights,
                                      inception_weights=inception_weights, ref_stats=ref_stats, device=dev,
                                      strict=strict, quiet=quiet)
@@ -182,8 +204,41 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
             usage.update(tokens)
 
     t0 = time.perf_counter()
-    res = pipeline.reconstruct(tok, items, save_recon, image_size=size, batch_size=batch_size, workers=workers,
-                               seed=seed, skip_errors=skip_errors, quiet=quiet, on_batch=on_batch)
+    shard = items[rank::world]
+    errors: list = []
+    fatal = None
+    try:
+        if shard:
+            errors = pipeline.reconstruct(tok, shard, save_recon, image_size=size, batch_size=batch_size,
+                                          workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet,
+                                          on_batch=on_batch, positions=positions if world > 1 else None).errors
+    except TokError as e:
+        if world == 1:
+            raise
+        fatal = e  # raised on every rank below, after the gather, so no rank waits forever
+    if world > 1:
+        parts = gather_objects((per_image, errors, tokens_shape, usage.counts if usage is not None else None,
+                                fatal and str(fatal)))
+        failed = [f for *_, f in parts if f]
+        if failed:
+            raise TokError(failed[0])
+        merged: dict[str, list] = {}
+        for part, *_ in parts:
+            for k, v in part.items():
+                merged.setdefault(k, []).extend(v)
+        order = np.argsort([positions[k] for k in merged["key"]], kind="stable")
+        per_image = {k: [v[i] for i in order] for k, v in merged.items()}
+        errors = sorted((e for _, errs, *_ in parts for e in errs), key=lambda e: positions.get(e[0], -1))
+        tokens_shape = next((t for _, _, t, *_ in parts if t is not None), None)
+        if usage is not None:
+            counts = [c for *_, c, _ in parts if c is not None]
+            usage.counts = sum(counts[1:], counts[0]) if counts else None
+        if fid_fake is not None:
+            fid_fake.all_reduce()
+            if fid_real is not None:
+                fid_real.all_reduce()
+    if not per_image["key"]:
+        raise TokError("no image could be reconstructed" + (f" ({len(errors)} failed)" if errors else ""))
     seconds = time.perf_counter() - t0
     n_img = len(per_image["key"])
 
@@ -202,7 +257,8 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
         if fid_fake.n < 2 or ref.n is not None and ref.n < 2:
             raise TokError(f"rFID needs at least 2 images (got {fid_fake.n}); use a few thousand for a meaningful "
                            f"value (the usual protocol is ImageNet-val, 50,000 images)")
-        out["rfid"] = float(frechet_distance(ref.mean(), ref.cov(), fid_fake.mean(), fid_fake.cov()))
+        if rank == 0:  # the one number every rank would compute; a 2048x2048 sqrtm takes seconds
+            out["rfid"] = float(frechet_distance(ref.mean(), ref.cov(), fid_fake.mean(), fid_fake.cov()))
         if n_img < 2048:
             _warn(f"rFID on {n_img} images is dominated by the small sample (2048 features); compare only "
                   f"values computed on the same N", quiet)
@@ -222,7 +278,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
 
     protocol = {
         "n_images": n_img,
-        "n_failed": len(res.errors),
+        "n_failed": len(errors),
         "image_size": size,
         "crop": "adm_center (BOX halving, BICUBIC to the short side, centre crop)",
         "uint8": "round(clamp((x + 1) * 127.5)) for both images",
@@ -235,6 +291,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
         "seed": seed,
         "precision": precision,
         "device": str(dev),
+        "world_size": world,
         "torch": torch.__version__,
         "tok_version": __version__,
         "seconds": round(seconds, 3),
@@ -256,7 +313,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
         "skipped": skipped,
         "per_image": per_image,
     }
-    return result, res.errors, pics.arrays()
+    return result, errors, pics.arrays()
 
 
 def folder_stats(items, out: str | Path, *, size: int = 256, inception_weights: str | None = None,

@@ -130,7 +130,9 @@ def encode(model, items, *, ref: str, output: str | Path, image_size: int | None
     return res
 
 
-def _decode_batch(model, tokens: np.ndarray, start: int, seed: int):
+def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=None):
+    """Decode one batch; stochastic decoders seed image i with ``seed + start + i`` (its index in the file), or
+    with ``seed + positions[i]`` when the caller knows the images' global positions (sharded runs)."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(tokens))
@@ -138,7 +140,8 @@ def _decode_batch(model, tokens: np.ndarray, start: int, seed: int):
     t = t.to(model.device)
     with torch.inference_mode():
         if model.stochastic_decoder:
-            seeds = [seed + start + i for i in range(len(tokens))]
+            seeds = ([seed + p for p in positions] if positions is not None else
+                     [seed + start + i for i in range(len(tokens))])
             return model.decode(t, seed=seeds)
         return model.decode(t)
 
@@ -176,12 +179,14 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
 
 def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = None, batch_size: int = 8,
                 workers: int = 0, seed: int = 0, skip_errors: bool = False, quiet: bool = False,
-                on_batch=None) -> Result:
+                on_batch=None, positions: dict[str, int] | None = None) -> Result:
     """encode -> decode through exactly the code path of `tok encode` + `tok decode` (bit-identical results).
 
     ``on_batch(keys, originals, recon, tokens)`` is called for every batch with the uint8 originals after the crop
     [B, H, W, 3], the decoder output (float tensor [B, 3, H, W] in [-1, 1]) and the tokens (numpy): metrics stream
     through it, so memory does not grow with the number of images. ``out_dir=None`` writes no PNGs.
+    ``positions`` (key -> index in the whole input list) seeds stochastic decoders by global position, so a shard
+    of a distributed run draws the same noise as a single process (when no input fails).
     """
     size = image_size_for(model, image_size)
     res = Result()
@@ -193,7 +198,8 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
     for keys, imgs, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
         start = len(res.keys)
         res.keys.extend(keys)
-        recon = _decode_batch(model, tok.cpu().numpy(), start, seed)
+        recon = _decode_batch(model, tok.cpu().numpy(), start, seed,
+                              [positions[k] for k in keys] if positions is not None else None)
         if out_dir is not None:
             _write_pngs(out_dir, keys, recon, res)
         if on_batch is not None:

@@ -4,6 +4,8 @@
     tok bench throughput -m MODEL [--batch-size 1,8] [--size S] [--precision fp32|tf32]
     tok bench stats DATA -o ref.npz
     tok bench report RESULT.json... -o report.md
+
+Many GPUs or processes: torchrun --nproc_per_node=N -m tokcli bench rfid DATA -m MODEL (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ def _metric_command(which: str):
                 save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
                 lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
                 strict=strict or which != "all")
+            from tokcli.core.distributed import dist_env
+
+            if dist_env()[0] != 0:  # torchrun: rank 0 prints and writes; the others share its exit code
+                if errors:
+                    raise typer.Exit(1)
+                return
             _emit(result, as_json=as_json, output=output)
             if report:
                 from tokcli.report import write_report

@@ -24,7 +24,7 @@ SizeOpt = Annotated[int, typer.Option("--image-size", min=8,
                                       help="ADM centre-crop size [default: the model's]")]
 SkipOpt = Annotated[bool, typer.Option("--skip-errors", help="process the good inputs, list failures at the end "
                                                               "(the exit code is still 1)")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact, reproducible tokens) or tf32 (CUDA "
+PrecisionOpt = Annotated[str, typer.Option("--precision", "--dtype", help="fp32 (exact, reproducible tokens) or tf32 (CUDA "
                                                                 "tensor cores: much faster, ~0.5% of tokens differ)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 

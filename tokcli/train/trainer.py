@@ -297,8 +297,9 @@ def _build_generator(r: Recipe, saved_args: dict | None):
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------
 def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+    from tokcli.core.distributed import dist_env
+
+    return dist_env()
 
 
 def _seed_everything(seed: int) -> None:

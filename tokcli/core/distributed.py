@@ -1,0 +1,50 @@
+"""One machine or many: the torchrun environment, the process group, and gathering results.
+
+Launch any distributed tok command with ``torchrun --nproc_per_node=N -m tokcli ...`` (or ``torchrun ... $(which
+tok) ...``). WORLD_SIZE > 1 turns it on: gloo on CPU, nccl on CUDA (each rank on ``cuda:LOCAL_RANK``); rank 0 writes
+the outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def process_group(device) -> Iterator[tuple[int, int, Any]]:
+    """Yield (rank, world, device) with the default process group up when WORLD_SIZE > 1 (created here and torn
+    down on exit unless the caller already made one). On CUDA each rank gets ``cuda:LOCAL_RANK``."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local = dist_env()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    own = world > 1 and not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield rank, world, device
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable, small), in rank order, on every rank; ``[obj]`` when not distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
