@@ -64,6 +64,17 @@ def test_psnr_ssim_equal_independent_scoring_of_saved_reconstructions(tiny_model
     assert g_keys == keys[:len(g_keys)] and np.array_equal(g_orig[0], orig[g_keys[0]])
     u = res["metrics"]["usage"]
     assert u["tokens"] == 5 * 16 * 16 * 2 and len(u["groups"]) == 2
+    # joint codes (2 groups of 2^8 -> 2^16): recount from the token file of the same images
+    from tokcli.core.images import collect_inputs as ci
+    from tokcli import load, pipeline
+
+    tok = load(f"local-dir:{tiny_model}", device="cpu")
+    enc = pipeline.encode(tok, ci([str(images)]), ref="x", output=str(tmp_path / "c.npz"), quiet=True)
+    t = enc.tokens.astype(np.int64)
+    joint = np.unique(t[..., 0] + 256 * t[..., 1])
+    assert u["joint"]["codebook_size"] == 65536 and u["joint"]["used"] == len(joint)
+    assert u["joint"]["tokens"] == 5 * 16 * 16
+    assert res["metrics"]["bpp"]["compression_ratio"] == pytest.approx(24 / (16 * 16 * 2 * 8 / (32 * 32)))
     p = res["protocol"]
     for field in ("n_images", "image_size", "crop", "uint8", "psnr", "ssim", "tok_version", "device", "seed"):
         assert p[field] is not None, field

@@ -29,6 +29,7 @@ from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage", "bpp")
 NEEDS_WEIGHTS = ("lpips", "rfid")
+JOINT_MAX = 1 << 20  # joint-code usage is counted when the joint codebook has at most this many entries
 
 
 def file_sha256(path: str | Path) -> str:
@@ -153,11 +154,14 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
     spec = tok.spec
 
     per_image: dict[str, list] = {"key": []}
-    usage = None
+    usage = joint = None
     if "usage" in metrics and spec.kind == "indices":
         from tokcli.metrics.usage import UsageCounter
 
         usage = UsageCounter(spec.codebook_size, group_axis=-1 if len(spec.shape) == 3 else None)
+        groups = spec.shape[-1] if len(spec.shape) == 3 else 1
+        if groups > 1 and spec.codebook_size ** groups <= JOINT_MAX:  # joint codes, where countable
+            joint = UsageCounter(spec.codebook_size ** groups)
     fid_real = fid_fake = None
     if "rfid" in scorers:
         from tokcli.metrics.fid import FeatureStats, features_from_uint8
@@ -202,6 +206,9 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
                 fid_real.update(features_from_uint8(net, orig_u8, batch_size=batch_size, device=dev))
         if usage is not None:
             usage.update(tokens)
+        if joint is not None:  # group j is digit j of the joint code (base codebook_size)
+            base = spec.codebook_size ** np.arange(tokens.shape[-1], dtype=np.int64)
+            joint.update((tokens.astype(np.int64) * base).sum(axis=-1))
 
     t0 = time.perf_counter()
     shard = items[rank::world]
@@ -217,8 +224,8 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
             raise
         fatal = e  # raised on every rank below, after the gather, so no rank waits forever
     if world > 1:
-        parts = gather_objects((per_image, errors, tokens_shape, usage.counts if usage is not None else None,
-                                fatal and str(fatal)))
+        parts = gather_objects((per_image, errors, tokens_shape, joint.counts if joint is not None else None,
+                                usage.counts if usage is not None else None, fatal and str(fatal)))
         failed = [f for *_, f in parts if f]
         if failed:
             raise TokError(failed[0])
@@ -230,9 +237,10 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
         per_image = {k: [v[i] for i in order] for k, v in merged.items()}
         errors = sorted((e for _, errs, *_ in parts for e in errs), key=lambda e: positions.get(e[0], -1))
         tokens_shape = next((t for _, _, t, *_ in parts if t is not None), None)
-        if usage is not None:
-            counts = [c for *_, c, _ in parts if c is not None]
-            usage.counts = sum(counts[1:], counts[0]) if counts else None
+        for pos, counter in ((3, joint), (4, usage)):
+            if counter is not None:
+                counts = [part[pos] for part in parts if part[pos] is not None]
+                counter.counts = sum(counts[1:], counts[0]) if counts else None
         if fid_fake is not None:
             fid_fake.all_reduce()
             if fid_real is not None:
@@ -264,6 +272,7 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
                   f"values computed on the same N", quiet)
     if usage is not None:
         out["usage"] = usage.result()
+        out["usage"]["joint"] = joint.result() if joint is not None else None
     if "bpp" in metrics and tokens_shape is not None:
         n_tok = int(np.prod(tokens_shape))
         bits = n_tok * (math.log2(spec.codebook_size) if spec.kind == "indices" else
@@ -274,7 +283,8 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
 
             stored = n_tok * np.dtype(index_dtype(spec.codebook_size - 1)).itemsize
         out["bpp"] = {"tokens": bits / (size * size), "tokens_per_image": n_tok, "stored_bytes_per_image": stored,
-                      "stored_bpp": stored * 8 / (size * size) if stored else None}
+                      "stored_bpp": stored * 8 / (size * size) if stored else None,
+                      "compression_ratio": 24 * size * size / bits}  # 8-bit RGB pixels over token bits
 
     protocol = {
         "n_images": n_img,
