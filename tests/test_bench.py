@@ -93,6 +93,23 @@ def test_n_and_legacy_mode_change_the_number(tiny_model, images):
     legacy, _, _ = evaluate(items, psnr_mode="wetok", **kw)
     assert "legacy" in legacy["protocol"]["psnr"]
     assert legacy["metrics"]["psnr"] != pytest.approx(full["metrics"]["psnr"], abs=1e-6)
+    # the wetok value by hand: the decoder output truncated to uint8, originals as loaded
+    import torch
+
+    from tokcli import load
+    from tokcli.core.images import to_tensor
+    from tokcli.metrics.image import psnr
+
+    tok = load(f"local-dir:{tiny_model}", device="cpu")
+    orig = _crops(images, 32)
+    a = np.stack([orig[k] for k in legacy["per_image"]["key"]])
+    with torch.inference_mode():
+        r = tok.decode(tok.encode(to_tensor(a))).permute(0, 2, 3, 1).numpy().astype(np.float64)
+    trunc = ((np.clip(r, -1, 1) + 1) / 2 * 255).astype(np.uint8)
+    assert legacy["per_image"]["psnr"] == pytest.approx(list(psnr(a, trunc)), abs=1e-9)
+    for res in (full, two, legacy):
+        assert len(res["per_image"]["psnr"]) == len(res["per_image"]["key"])
+    assert full["protocol"]["data"]["n_inputs"] == 5 and two["protocol"]["data"]["n_inputs"] == 2
 
 
 def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_home, monkeypatch, tmp_path):
@@ -131,6 +148,17 @@ def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_
                           ref_stats=str(stats), quiet=True)
     assert res2["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
     assert "ref.npz" in res2["protocol"]["rfid"]["reference"]
+    # an ADM / pytorch-fid file (mu and sigma only) works the same; a file made at another size is refused
+    adm = tmp_path / "adm.npz"
+    np.savez(adm, mu=fa.mean(0), sigma=np.cov(fa, rowvar=False))
+    res3, _, _ = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu",
+                          ref_stats=str(adm), quiet=True)
+    assert res3["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
+    from tokcli.errors import TokError
+
+    with pytest.raises(TokError, match="computed at 32 px"):
+        evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu", image_size=40,
+                 ref_stats=str(stats), quiet=True)
 
 
 def test_missing_weights_fail_cleanly(tiny_model, images, tmp_path):
@@ -163,7 +191,10 @@ def test_all_skips_missing_weights_with_reasons_and_writes_report(tiny_model, im
     for png in pngs:
         assert np.asarray(Image.open(png)).std() > 0
     p = run_tok("bench", "all", images, "-m", tiny_model, "--strict", env=env)
-    assert p.returncode == 1 and INCEPTION_FILE.encode() in p.stderr or b"alexnet" in p.stderr
+    assert p.returncode == 1 and b"alexnet-owt-7be5be79.pth" in p.stderr  # LPIPS is loaded first
+    # a weights file the user names must work: no silent skip
+    p = run_tok("bench", "all", images, "-m", tiny_model, "--inception-weights", tmp_path / "nope.pth", env=env)
+    assert p.returncode == 1 and b"nope.pth" in p.stderr and p.stdout == b""
 
 
 def test_report_combines_saved_results(tiny_model, tiny_model_other, images, tmp_path):
@@ -226,3 +257,14 @@ def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home
     assert r2["per_image"]["ssim"] == pytest.approx(r1["per_image"]["ssim"], abs=1e-12)
     assert r2["metrics"]["usage"] == r1["metrics"]["usage"]
     assert r2["metrics"]["rfid"] == pytest.approx(r1["metrics"]["rfid"], rel=1e-6)
+    # the FlowMo per-batch PSNR does not depend on how images are batched or sharded
+    args_fl = ["bench", "psnr", str(images), "-m", str(tiny_gd_model), "--device", "cpu", "--json", "-q",
+               "--psnr-mode", "flowmo", "-b", "3"]
+    a = subprocess.run([sys.executable, "-m", "tokcli", *args_fl], capture_output=True, text=True, env=env)
+    b = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "tokcli", *args_fl[:-1], "2"], capture_output=True, text=True, env=env)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-2000:]
+    fa = json.loads(a.stdout)
+    fb = json.loads([ln for ln in b.stdout.splitlines() if ln.startswith("{")][0])
+    assert fa["metrics"]["psnr"] == pytest.approx(fb["metrics"]["psnr"], abs=1e-9)
+    assert len(fa["per_image"]["psnr"]) == len(fa["per_image"]["key"]) == 5

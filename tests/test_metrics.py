@@ -77,12 +77,12 @@ def test_ssim_matches_skimage():
                                                     abs=1e-9)
 
 
-def _float_pair(seed=3, n=6):
-    """Float originals from uint8 (as loaded) and float reconstructions in [-1, 1] with values right at the
-    truncation / rounding boundaries, so the modes really differ."""
+def _legacy_pair(seed=3, n=6):
+    """uint8 originals (as loaded) and float reconstructions in [-1, 1] near them, so that truncation, rounding
+    and the +128 offset give different uint8 values."""
     rng = np.random.default_rng(seed)
-    orig = rng.integers(0, 256, (n, 24, 20, 3)).astype(np.float64) / 127.5 - 1
-    recon = np.clip(orig + rng.normal(0, 0.05, orig.shape), -1.2, 1.2)
+    orig = rng.integers(0, 256, (n, 24, 20, 3)).astype(np.uint8)
+    recon = np.clip(orig / 127.5 - 1 + rng.normal(0, 0.05, orig.shape), -1.2, 1.2)
     return orig, recon
 
 
@@ -90,37 +90,40 @@ def test_legacy_modes_against_skimage_and_by_hand():
     metrics = pytest.importorskip("skimage.metrics")
     from tokcli.metrics import legacy
 
-    orig, recon = _float_pair()
+    orig, recon = _legacy_pair()
     trunc = lambda x: (np.clip((np.clip(x, -1, 1) + 1) / 2 * 255, 0, 255)).astype(np.uint8)  # noqa: E731
     rnd = lambda x: np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)  # noqa: E731
     # tok: the protocol, identical to metrics/image.py on rounded uint8
-    assert np.allclose(legacy.psnr(orig, recon, "tok"), psnr(rnd(orig), rnd(recon)), atol=1e-9)
-    assert np.allclose(legacy.ssim(orig, recon, "tok"), ssim(rnd(orig), rnd(recon)), atol=1e-12)
+    assert np.allclose(legacy.psnr(orig, recon, "tok"), psnr(orig, rnd(recon)), atol=1e-9)
+    assert np.allclose(legacy.ssim(orig, recon, "tok"), ssim(orig, rnd(recon)), atol=1e-12)
     # wetok: truncation, skimage per image with data_range 255 and its default 7x7 window
     for i in range(len(orig)):
-        a, b = trunc(orig[i]), trunc(recon[i])
+        b = trunc(recon[i])
         assert legacy.psnr(orig, recon, "wetok")[i] == pytest.approx(
-            metrics.peak_signal_noise_ratio(a, b, data_range=255), abs=1e-9)
+            metrics.peak_signal_noise_ratio(orig[i], b, data_range=255), abs=1e-9)
         assert legacy.ssim(orig, recon, "wetok")[i] == pytest.approx(
-            metrics.structural_similarity(a, b, data_range=255, channel_axis=-1), abs=1e-9)
+            metrics.structural_similarity(orig[i], b, data_range=255, channel_axis=-1), abs=1e-9)
     # flowmo: skimage PSNR of the whole batch of 5 (the official loop's bug), on /255 floats
     fl = legacy.psnr(orig, recon, "flowmo", batch=5)
     assert len(fl) == 2
-    assert fl[0] == pytest.approx(metrics.peak_signal_noise_ratio(trunc(orig[:5]) / 255.0, trunc(recon[:5]) / 255.0,
+    assert fl[0] == pytest.approx(metrics.peak_signal_noise_ratio(orig[:5] / 255.0, trunc(recon[:5]) / 255.0,
                                                                   data_range=1.0), abs=1e-9)
-    # llamagen: GT kept float, recon via clamp(127.5 x + 128), SSIM with data_range=2.0
-    gt = (orig + 1) / 2
+    # ... and the same figure from per-image values (how tok bench aggregates it, independent of its batching)
+    assert legacy.flowmo_psnr_mean(legacy.psnr(orig, recon, "wetok"), batch=5) == pytest.approx(fl.mean(), abs=1e-9)
+    # llamagen: GT float, recon via clamp(127.5 x + 128), SSIM with data_range=2.0
     rec = np.clip(127.5 * recon + 128, 0, 255).astype(np.uint8) / 255.0
     for i in range(len(orig)):
         assert legacy.psnr(orig, recon, "llamagen")[i] == pytest.approx(
-            metrics.peak_signal_noise_ratio(gt[i], rec[i], data_range=1.0), abs=1e-9)
+            metrics.peak_signal_noise_ratio(orig[i] / 255.0, rec[i], data_range=1.0), abs=1e-9)
         assert legacy.ssim(orig, recon, "llamagen")[i] == pytest.approx(
-            metrics.structural_similarity(gt[i], rec[i], data_range=2.0, channel_axis=-1), abs=1e-9)
+            metrics.structural_similarity(orig[i] / 255.0, rec[i], data_range=2.0, channel_axis=-1), abs=1e-9)
     # the conventions are not the same number: truncation loses ~half a level on average
-    assert abs(np.mean(legacy.psnr(orig, recon, "wetok")) - np.mean(legacy.psnr(orig, recon, "tok"))) > 1e-3
+    assert np.mean(legacy.psnr(orig, recon, "wetok")) < np.mean(legacy.psnr(orig, recon, "tok")) - 1e-3
     assert np.mean(legacy.ssim(orig, recon, "llamagen")) > np.mean(legacy.ssim(orig, recon, "wetok"))
     with pytest.raises(ValueError, match="unknown PSNR mode"):
         legacy.psnr(orig, recon, "adm")
+    with pytest.raises(TypeError, match="uint8"):
+        legacy.psnr(orig / 127.5 - 1, recon, "wetok")
 
 
 def test_codebook_usage_hand_values():

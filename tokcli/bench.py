@@ -29,6 +29,7 @@ from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage", "bpp")
 NEEDS_WEIGHTS = ("lpips", "rfid")
+FLOWMO_BATCH = 5  # the official FlowMo / Open-MAGVIT2 evaluation batch (its PSNR is per batch)
 JOINT_MAX = 1 << 20  # joint-code usage is counted when the joint codebook has at most this many entries
 
 
@@ -89,11 +90,29 @@ def _load_scorers(metrics, *, lpips_net, lpips_weights, inception_weights, ref_s
                     ref = fid.FeatureStats.from_npz(ref_stats)
                 loaded["rfid"] = (net, sha, ref)
         except MissingWeightsError as e:
-            if strict:
+            named = lpips_weights if m == "lpips" else inception_weights
+            if strict or named:  # a file the user named must work; only absent defaults are skipped
                 raise
             skipped[m] = str(e)
             _warn(f"{m} skipped: {e}", quiet)
     return loaded, skipped
+
+
+def _check_ref_stats(ref, *, size: int, weights_sha: str, ref_stats) -> None:
+    """A reference statistics file must match the features being compared (2048-d) and, when it records them
+    (files from `tok bench stats`), the image size and the Inception weights."""
+    from tokcli.metrics.fid import FEATURE_DIM
+
+    if ref.dim != FEATURE_DIM:
+        raise TokError(f"{ref_stats}: statistics of {ref.dim}-d features; rFID uses the {FEATURE_DIM}-d Inception "
+                       f"pool features")
+    meta = getattr(ref, "meta", {}) or {}
+    if meta.get("image_size") not in (None, size):
+        raise TokError(f"{ref_stats} was computed at {meta['image_size']} px but this run evaluates at {size} px; "
+                       f"make statistics at the same size (tok bench stats DATA --size {size})")
+    if meta.get("weights_sha256") not in (None, weights_sha):
+        raise TokError(f"{ref_stats} was computed with other Inception weights (sha256 "
+                       f"{meta['weights_sha256'][:12]}..., these are {weights_sha[:12]}...)")
 
 
 def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage", "bpp"), n: int | None = None,
@@ -101,7 +120,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
              seed: int = 0, precision: str = "fp32", skip_errors: bool = False, quiet: bool = False,
              save_recon: str | None = None, psnr_mode: str = "tok", ssim_mode: str = "tok", lpips_net: str = "alex",
              lpips_weights: str | None = None, inception_weights: str | None = None, ref_stats: str | None = None,
-             strict: bool = True, grid: int = 8):
+             strict: bool = True, grid: int = 8, inputs=None):
     """Reconstruct ``items`` with ``model`` and score them. Returns (result dict, per-input errors, grid arrays or
     None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing.
 
@@ -118,12 +137,12 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
                          precision=precision, skip_errors=skip_errors, quiet=quiet or rank != 0,
                          save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
                          lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
-                         strict=strict, grid=grid)
+                         strict=strict, grid=grid, inputs=inputs)
 
 
 def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_size, workers, seed, precision,
               skip_errors, quiet, save_recon, psnr_mode, ssim_mode, lpips_net, lpips_weights, inception_weights,
-              ref_stats, strict, grid):
+              ref_stats, strict, grid, inputs):
     import torch
 
     import tokcli
@@ -152,6 +171,10 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
     tok = tokcli.load(model, device=str(dev))
     size = pipeline.image_size_for(tok, image_size)
     spec = tok.spec
+    if "ssim" in metrics and size < 11:
+        raise TokUsageError(f"SSIM needs images of at least 11x11 pixels (its window); --size is {size}")
+    if "rfid" in scorers and scorers["rfid"][2] is not None:
+        _check_ref_stats(scorers["rfid"][2], size=size, weights_sha=scorers["rfid"][1], ref_stats=ref_stats)
 
     per_image: dict[str, list] = {"key": []}
     usage = joint = None
@@ -185,13 +208,13 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
                     per_image.setdefault("psnr", []).extend(image.psnr(orig_u8, recon_u8).tolist())
                 if "ssim" in metrics:
                     per_image.setdefault("ssim", []).extend(image.ssim(orig_u8, recon_u8).tolist())
-            else:  # legacy modes act on the float decoder output (truncation, +128)
-                of = orig_u8.astype(np.float64) / 127.5 - 1
-                rf = recon.detach().float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float64)
-                if "psnr" in metrics:
-                    per_image.setdefault("psnr", []).extend(legacy.psnr(of, rf, psnr_mode).tolist())
+            else:  # legacy modes act on the float decoder output (truncation, +128); originals as loaded
+                rf = recon.detach().float().permute(0, 2, 3, 1).cpu().numpy().astype(np.float64)
+                if "psnr" in metrics:  # flowmo: per-image values here, its per-batch figure at the end
+                    mode = "wetok" if psnr_mode == "flowmo" else psnr_mode
+                    per_image.setdefault("psnr", []).extend(legacy.psnr(orig_u8, rf, mode).tolist())
                 if "ssim" in metrics:
-                    per_image.setdefault("ssim", []).extend(legacy.ssim(of, rf, ssim_mode).tolist())
+                    per_image.setdefault("ssim", []).extend(legacy.ssim(orig_u8, rf, ssim_mode).tolist())
         if "lpips" in scorers:
             from tokcli.losses.perceptual import lpips_distance
 
@@ -252,8 +275,9 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
 
     out: dict[str, Any] = {}
     if "psnr" in per_image:
-        v = np.asarray(per_image["psnr"])
-        out["psnr"] = float(np.mean(np.minimum(v, 100.0)))
+        per_image["psnr"] = [min(v, 100.0) for v in per_image["psnr"]]  # identical images: 100 dB (JSON has no inf)
+        out["psnr"] = (legacy.flowmo_psnr_mean(per_image["psnr"], FLOWMO_BATCH) if psnr_mode == "flowmo"
+                       else float(np.mean(per_image["psnr"])))
     if "ssim" in per_image:
         out["ssim"] = float(np.mean(per_image["ssim"]))
     if "lpips" in per_image:
@@ -286,13 +310,17 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
                       "stored_bpp": stored * 8 / (size * size) if stored else None,
                       "compression_ratio": 24 * size * size / bits}  # 8-bit RGB pixels over token bits
 
+    keys_sha = hashlib.sha256("\n".join(it.key for it in items).encode()).hexdigest()
     protocol = {
+        "data": {"inputs": list(inputs) if inputs else None, "n_inputs": len(items), "keys_sha256": keys_sha},
         "n_images": n_img,
         "n_failed": len(errors),
         "image_size": size,
         "crop": "adm_center (BOX halving, BICUBIC to the short side, centre crop)",
         "uint8": "round(clamp((x + 1) * 127.5)) for both images",
-        "psnr": {"tok": "per image, data range 255, mean over images (identical images capped at 100 dB)"}.get(
+        "psnr": {"tok": "per image, data range 255, mean over images (identical images capped at 100 dB)",
+                 "flowmo": f"legacy mode 'flowmo' (metrics/legacy.py): one MSE per {FLOWMO_BATCH} consecutive "
+                           f"images in input order, mean over those batches"}.get(
             psnr_mode, f"legacy mode {psnr_mode!r} (metrics/legacy.py)") if "psnr" in metrics else None,
         "ssim": {"tok": "Wang et al. 2004: Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, L 255, per channel, mean"}.get(
             ssim_mode, f"legacy mode {ssim_mode!r} (metrics/legacy.py)") if "ssim" in metrics else None,
@@ -301,6 +329,8 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
         "seed": seed,
         "precision": precision,
         "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "batch_size": batch_size,
         "world_size": world,
         "torch": torch.__version__,
         "tok_version": __version__,
@@ -349,7 +379,8 @@ def folder_stats(items, out: str | Path, *, size: int = 256, inception_weights: 
     bar.close()
     if stats.n < 2:
         raise TokError(f"statistics need at least 2 images, got {stats.n}")
-    stats.to_npz(out)
+    stats.to_npz(out, meta={"image_size": size, "crop": "adm_center", "weights_sha256": sha, "n": int(stats.n),
+                            "tok_version": __version__})
     return {"output": str(out), "n_images": int(stats.n), "image_size": size, "weights_sha256": sha,
             "n_failed": len(errors)}, errors
 

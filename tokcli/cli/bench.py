@@ -70,6 +70,21 @@ def _emit(result: dict, *, as_json: bool, output: Optional[str]) -> None:
         print(_summary(result), flush=True)
 
 
+def _check_output_paths(*paths: Optional[str]) -> None:
+    """Refuse an output that cannot be written before the (long) evaluation, not after it."""
+    from pathlib import Path
+
+    from tokcli.errors import TokUsageError
+
+    for p in paths:
+        if p and p != "-":
+            q = Path(p)
+            if q.is_dir():
+                raise TokUsageError(f"{p} is a folder; give a file name")
+            if not q.parent.is_dir():
+                raise TokUsageError(f"cannot write {p}: folder {q.parent} does not exist")
+
+
 def _metric_command(which: str):
     def command(
         data: DataArg,
@@ -106,13 +121,14 @@ def _metric_command(which: str):
             from tokcli.bench import evaluate
             from tokcli.core.images import collect_inputs
 
+            _check_output_paths(output, report)
             items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
             result, errors, grid = evaluate(
                 items, model=model, metrics=SETS[which], n=n, image_size=size, device=device, batch_size=batch_size,
                 workers=workers, seed=seed, precision=precision, skip_errors=skip_errors, quiet=quiet,
                 save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
                 lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
-                strict=strict or which != "all")
+                strict=strict or which != "all", inputs=data)
             from tokcli.core.distributed import dist_env
 
             if dist_env()[0] != 0:  # torchrun: rank 0 prints and writes; the others share its exit code
@@ -157,7 +173,10 @@ def throughput_cmd(
         try:
             sizes = [int(b) for b in batch_size.split(",") if b.strip()]
         except ValueError:
-            raise TokUsageError(f"--batch-size takes a comma list of integers, got {batch_size!r}") from None
+            sizes = []
+        if not sizes:
+            raise TokUsageError(f"--batch-size takes a comma list of integers, got {batch_size!r}")
+        _check_output_paths(output)
         result = throughput(model, batch_sizes=sizes, size=size, device=device, precision=precision, warmup=warmup,
                             iters=iters, quiet=quiet)
         if output:
@@ -190,6 +209,7 @@ def stats_cmd(
         from tokcli.bench import folder_stats
         from tokcli.core.images import collect_inputs
 
+        _check_output_paths(output)
         items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
         summary, errors = folder_stats(items, output, size=size, inception_weights=inception_weights, device=device,
                                        batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
@@ -214,7 +234,8 @@ def report_cmd(
                     r = json.load(f)
             except (OSError, ValueError) as e:
                 raise TokError(f"{path}: not a readable JSON result ({e})") from None
-            if not isinstance(r, dict) or "metrics" not in r or "model" not in r:
+            if (not isinstance(r, dict) or not isinstance(r.get("metrics"), dict) or not isinstance(r.get("model"), dict)
+                    or not isinstance(r.get("protocol", {}), dict)):
                 raise TokError(f"{path}: not a tok bench result (no 'model' / 'metrics')")
             loaded.append(r)
         for p in write_report(loaded, output):

@@ -387,11 +387,16 @@ class FeatureStats:
         c = 0.5 * (c + c.T)  # exactly symmetric, as np.cov's product is
         return c.cpu().numpy()
 
-    def to_npz(self, path: str | os.PathLike) -> Path:
+    def to_npz(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
         """Write ``mu``, ``sigma`` (ADM / pytorch-fid layout) plus ``n``, ``feature_sum``, ``feature_outer``
-        (when known), atomically."""
+        (when known), atomically. ``meta`` (JSON-able: image size, crop, weights sha256) is stored as the 0-d
+        string ``meta`` so a later run can check it was made under the same protocol."""
         path = Path(path)
         arrays = {"mu": self.mean(), "sigma": self.cov()}
+        if meta:
+            import json
+
+            arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
         if self.has_sums:
             arrays.update(n=np.asarray(self.n, dtype=np.int64), feature_sum=self.sum.cpu().numpy(),
                           feature_outer=self.outer.cpu().numpy())
@@ -407,6 +412,14 @@ class FeatureStats:
         mu, sigma = arrays["mu"], arrays["sigma"]
         stats = cls(dim=mu.shape[0], device=device)
         stats.source = str(path)
+        stats.meta = {}
+        if "meta" in arrays and arrays["meta"].dtype.kind == "U" and arrays["meta"].ndim == 0:
+            import json
+
+            try:
+                stats.meta = json.loads(str(arrays["meta"][()]))
+            except ValueError:
+                raise TokError(f"{path}: the 'meta' entry is not JSON") from None
         present = [k for k in STATS_EXTRA_KEYS if k in arrays]
         if not present:
             stats.n, stats.sum, stats.outer = None, None, None
@@ -448,11 +461,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise not_npz
     try:
         names = set(z.files)
+        meta = None
         missing = [k for k in ("mu", "sigma") if k not in names]
         if missing:
             raise TokError(f"FID statistics file {path} has no {' or '.join(missing)} (keys: "
                            f"{', '.join(sorted(names)) or 'none'}); expected mu [D] and sigma [D, D]")
         arrays = {k: z[k] for k in ("mu", "sigma", *STATS_EXTRA_KEYS) if k in names}
+        meta = z["meta"] if "meta" in names else None
     except ValueError as e:  # object arrays under allow_pickle=False
         raise TokError(f"FID statistics file {path} holds pickled objects, which tok does not load "
                        f"({str(e).splitlines()[0]}); expected plain numeric arrays mu and sigma") from None
@@ -473,6 +488,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     for k in ("feature_sum", "feature_outer"):
         if k in arrays:
             arrays[k] = arrays[k].astype(np.float64)
+    if meta is not None:  # tok's protocol record (a 0-d JSON string); checked by the caller
+        arrays["meta"] = meta
     return arrays
 
 
@@ -497,12 +514,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise TokError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                        f"{sigma2.shape} (were they computed with the same feature extractor?)")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # "matrix is singular" whenever N <= 2048; the eps fallback below handles it
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"FID: the covariance product is singular; adding {eps} to both diagonals", RuntimeWarning,
                       stacklevel=2)
         offset = np.eye(d) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise TokError(f"FID: the matrix square root has a large imaginary part "
