@@ -34,8 +34,8 @@ METRIC_HELP = {
     "lpips": "LPIPS v0.1 (lpips package, AlexNet by default; pretrained backbone from $TORCH_HOME or "
              "--lpips-weights)",
     "rfid": "rFID: FID Inception statistics of the originals (or --ref-stats) vs the reconstructions",
-    "usage": "codebook usage and perplexity per group, bits per pixel",
-    "all": "every metric in one pass over the reconstructions (metrics whose weights are missing are skipped and "
+    "usage": "Codebook usage and perplexity per group, bits per pixel",
+    "all": "Every metric in one pass over the reconstructions (metrics whose weights are missing are skipped and "
            "listed, unless --strict)",
 }
 SETS = {"psnr": ["psnr", "bpp"], "ssim": ["ssim", "bpp"], "lpips": ["lpips", "bpp"], "rfid": ["rfid", "bpp"],
@@ -204,7 +204,7 @@ def stats_cmd(
     skip_errors: SkipOpt = False,
     quiet: QuietOpt = False,
 ):
-    """FID reference statistics of a folder (e.g. ImageNet-val after the ADM crop) for --ref-stats."""
+    """FID reference statistics of a folder for --ref-stats: ADM mu/sigma npz, ImageNet-val say."""
     with cli_errors():
         from tokcli.bench import folder_stats
         from tokcli.core.images import collect_inputs
