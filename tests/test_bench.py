@@ -268,3 +268,16 @@ def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home
     fb = json.loads([ln for ln in b.stdout.splitlines() if ln.startswith("{")][0])
     assert fa["metrics"]["psnr"] == pytest.approx(fb["metrics"]["psnr"], abs=1e-9)
     assert len(fa["per_image"]["psnr"]) == len(fa["per_image"]["key"]) == 5
+    # reference statistics sharded over 2 ranks equal one process's (float64 sums all-reduced)
+    outs = []
+    for launcher, name in (([sys.executable, "-m", "tokcli"], "s1.npz"),
+                           ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "tokcli"], "s2.npz")):
+        p = subprocess.run([*launcher, "bench", "stats", str(images), "-o", str(tmp_path / name), "--size", "32",
+                            "--device", "cpu", "-q"], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][0]))
+    assert outs[1]["world_size"] == 2 and outs[0]["n_images"] == outs[1]["n_images"] == 5
+    with np.load(tmp_path / "s1.npz", allow_pickle=False) as z1, np.load(tmp_path / "s2.npz", allow_pickle=False) as z2:
+        assert np.allclose(z1["mu"], z2["mu"], rtol=0, atol=1e-12)
+        assert np.allclose(z1["sigma"], z2["sigma"], rtol=1e-10, atol=1e-12)

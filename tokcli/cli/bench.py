@@ -213,6 +213,12 @@ def stats_cmd(
         items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
         summary, errors = folder_stats(items, output, size=size, inception_weights=inception_weights, device=device,
                                        batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
+        from tokcli.core.distributed import dist_env
+
+        if dist_env()[0] != 0:  # torchrun: rank 0 reports
+            if errors:
+                raise typer.Exit(1)
+            return
         print(json.dumps(summary), flush=True)
         report_failures(errors)
 

@@ -1,0 +1,298 @@
+"""CODA quantizer: multi-scale residual quantization with attention-based code assignment.
+
+Algorithm (what ``MultiScaleAttentionQuantizer`` computes for a latent ``f`` of shape [B, D, H, W]):
+
+    residual = f ; f_hat = 0
+    for pn in patch_size_list (coarse -> fine):
+        r_l   = area-downsample(residual) to pn x pn               (identity when pn == H == W)
+        q     = norm_q(to_q(r_l))   per grid cell, [B, pn*pn, A]
+        k     = norm_k(to_k(C))     per code,      [V, A]          C = codebooks.weight [V, D]
+        logit = (q @ k^T) / sqrt(A)                                A = attention width (attn_dim)
+        id    = argmax over the V codes (argmax of softmax(logit): the same index)
+        z_l   = to_v(C)[id]                                        the value-table row, NOT the raw codebook row
+        up    = bicubic-upsample(z_l as [B, D, pn, pn]) to H x W   (align_corners=False; identity at pn == H)
+        f_hat += up ; residual -= up
+
+One codebook and one attention module (to_q, to_k, to_v, norm_q, norm_k) are shared by every level. The
+quantized latent is ``f_hat``: the sum of the upsampled per-level code maps. ``norm`` is RMSNorm by default:
+``y * rsqrt(mean(y**2, last dim) + 1e-5) * weight`` with the mean square taken in fp32 and no bias
+(``"layer_norm"`` and ``None`` are also accepted, as in the official constructor).
+
+Token layout. ``encode`` returns one int64 tensor per level, shape [B, pn, pn] (the official code keeps a
+singleton axis, [B, 1, pn, pn]; it is dropped here). ``flatten_indices`` concatenates them into one [B, T]
+tensor, T = sum(pn**2) (680 for [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]): level l occupies
+``[offset_l, offset_l + pn_l**2)`` with ``offset_l = sum_{m<l} pn_m**2``, and inside a level the order is
+row-major, position ``offset_l + i * pn_l + j`` for grid row i, column j. Ids index rows of ``codebooks.weight``
+directly (no offset, no special tokens). ``decode_indices`` accepts either form.
+
+Training terms (``forward``), per level, averaged over the levels:
+
+    vq    = mean((z_soft - r_l)**2) + mean((sg(z_hard) - r_l)**2) + beta * mean((z_hard - sg(r_l))**2)
+    entr  = mean_rows H(softmax(logit / T)) - H(mean_rows softmax(logit / T))      (T = 0.01, weights 1, 1)
+
+where z_hard = to_v(C)[id] and z_soft has the forward value of z_hard but the gradient of the soft assignment
+softmax(logit) @ to_v(C) (the "hard - sg(soft) + soft" one-hot trick). The per-row entropy uses
+``log_softmax(logit / T + 1e-5)`` and the batch entropy ``log(p + 1e-5)``, exactly as the official code does.
+The quantized latent returned by ``forward`` is the sum of the z_soft maps: its value equals ``f_hat`` exactly;
+the gradient reaches the encoder only through the attention logits and the loss terms (there is no identity
+straight-through ``f + sg(f_hat - f)``).
+
+Paper vs. official code (the official code, LeapLabTHU/CODA, is what this module follows; the code wins):
+
+- The paper (Eq. 4-5) describes plain residual quantization at the latent resolution. The code quantizes each
+  residual at a growing grid size (``patch_size_list``), area-downsampling the residual and bicubic-upsampling the
+  code map, VAR-style, but without VAR's "phi" refinement convs.
+- The paper writes Q = rms_norm(F W_q), K = rms_norm(C W_k); the code's projections also have biases.
+- The paper's softmax scale is 1/sqrt(d); the code uses the projection width: 1/sqrt(attn_dim). (It does not
+  change the argmax.)
+- Eq. 10 reads ``beta * ||sg[f] - sg[f]||^2`` (a typo, it has no gradient); the code uses
+  ``beta * ||z_hard - sg[f]||^2``, and every term is taken against the level's own downsampled residual r_l,
+  not the full latent f.
+- The code's value table (to_v) has a bias: z = C[id] W_v^T + b_v.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_TYPES = ("rms_norm", "layer_norm", None)
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm over the last axis; the mean square is computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ms = x.float().pow(2).mean(-1, keepdim=True)
+        y = x * torch.rsqrt(ms + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(self.weight.dtype)
+        return y * self.weight
+
+
+def _make_norm(norm_type: str | None, dim: int) -> nn.Module | None:
+    if norm_type == "rms_norm":
+        return RMSNorm(dim, eps=1e-5)
+    if norm_type == "layer_norm":
+        return nn.LayerNorm(dim)
+    if norm_type is None:
+        return None
+    raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
+
+
+class CodeAttention(nn.Module):
+    """Query/key/value projections of the attention assignment (state-dict names ``to_q``, ``to_k``, ``to_v``,
+    ``norm_q``, ``norm_k`` as in the official ``Attention``)."""
+
+    def __init__(self, dim: int, attn_dim: int | None = None, norm_type: str | None = "rms_norm"):
+        super().__init__()
+        attn_dim = dim if attn_dim is None else attn_dim
+        self.attn_dim = attn_dim
+        self.to_q = nn.Linear(dim, attn_dim)
+        self.to_k = nn.Linear(dim, attn_dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = _make_norm(norm_type, attn_dim)
+        self.norm_k = _make_norm(norm_type, attn_dim)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, M, D] -> normalised queries [B, M, A]."""
+        q = self.to_q(x)
+        return q if self.norm_q is None else self.norm_q(q)
+
+    def keys(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [V, D] -> normalised keys [V, A]."""
+        k = self.to_k(codes)
+        return k if self.norm_k is None else self.norm_k(k)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [V, D] -> value table [V, D]."""
+        return self.to_v(codes)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[B, M, A] x [V, A] -> [B, M, V], scaled by 1/sqrt(A)."""
+        return torch.matmul(q, k.t()) * (1.0 / math.sqrt(self.attn_dim))
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: torch.Tensor          # [B, D, H, W]; value = f_hat, gradient through the soft assignment
+    indices: list[torch.Tensor]      # per level [B, pn, pn] int64, coarse -> fine
+    vq_loss: torch.Tensor            # scalar, mean over levels (see module docstring)
+    entropy_loss: torch.Tensor       # scalar, mean over levels
+
+
+class QuantizerTrace(NamedTuple):
+    """Per-token intermediates, flattened in the token layout (levels coarse->fine, row-major, channels last)."""
+
+    f_hat: torch.Tensor              # [B, D, H, W]
+    indices: torch.Tensor            # [B, T] int64
+    level_inputs: torch.Tensor       # [B, T, D] area-downsampled residual fed to the attention
+    level_codes: torch.Tensor        # [B, T, D] selected value-table rows
+    logit_margin: torch.Tensor       # [B, T] top-1 minus top-2 logit
+
+
+class MultiScaleAttentionQuantizer(nn.Module):
+    """CODA's multi-scale residual quantizer (official ``CODAQuantizer``; state-dict compatible).
+
+    dim: latent channels D (``vae_latent_channels``); codebook_size: V; patch_size_list: grid side of each
+    level, coarse -> fine (the last one is normally the latent size); beta: commitment weight
+    (``vq_commitment_beta``); norm_type: ``"rms_norm"`` (``vq_norm_type``), ``"layer_norm"`` or None;
+    attn_dim: projection width A (``vq_attn_dim``; None = D); entropy_temperature and the two entropy weights
+    are the official defaults.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, patch_size_list: Sequence[int], *, beta: float = 0.25,
+                 norm_type: str | None = "rms_norm", attn_dim: int | None = None,
+                 entropy_temperature: float = 0.01, sample_minimization_weight: float = 1.0,
+                 batch_maximization_weight: float = 1.0):
+        super().__init__()
+        if not patch_size_list or any(int(p) <= 0 for p in patch_size_list):
+            raise ValueError(f"patch_size_list must be non-empty positive ints, got {patch_size_list!r}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.patch_size_list = [int(p) for p in patch_size_list]
+        self.beta = beta
+        self.entropy_temperature = entropy_temperature
+        self.sample_minimization_weight = sample_minimization_weight
+        self.batch_maximization_weight = batch_maximization_weight
+        self.codebooks = nn.Embedding(codebook_size, dim)
+        self.attn = CodeAttention(dim, attn_dim, norm_type)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "MultiScaleAttentionQuantizer":
+        """Build from the official config keys (``vae_latent_channels``, ``codebook_size``, ...)."""
+        return cls(cfg["vae_latent_channels"], cfg["codebook_size"], cfg["patch_size_list"],
+                   beta=cfg.get("vq_commitment_beta", 0.25), norm_type=cfg.get("vq_norm_type", "rms_norm"),
+                   attn_dim=cfg.get("vq_attn_dim"))
+
+    # ---- token layout helpers -------------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p * p for p in self.patch_size_list)
+
+    @property
+    def level_offsets(self) -> list[int]:
+        out, acc = [], 0
+        for p in self.patch_size_list:
+            out.append(acc)
+            acc += p * p
+        return out
+
+    def flatten_indices(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-level [B, pn, pn] (or [B, 1, pn, pn]) -> [B, T], levels concatenated, row-major inside a level."""
+        return torch.cat([idx.reshape(idx.shape[0], -1) for idx in indices], dim=1)
+
+    def split_indices(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """[B, T] -> per-level [B, pn, pn]."""
+        if flat.shape[-1] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} tokens per image, got {flat.shape[-1]}")
+        parts = torch.split(flat, [p * p for p in self.patch_size_list], dim=-1)
+        return [t.reshape(flat.shape[0], p, p) for t, p in zip(parts, self.patch_size_list)]
+
+    # ---- core -----------------------------------------------------------------------------------------------
+
+    def _level_input(self, residual: torch.Tensor, pn: int) -> torch.Tensor:
+        """Area-downsample [B, D, H, W] to pn x pn and flatten to [B, pn*pn, D] (row-major, channels last)."""
+        r = F.interpolate(residual, size=(pn, pn), mode="area")
+        return r.permute(0, 2, 3, 1).reshape(r.shape[0], pn * pn, r.shape[1])
+
+    @staticmethod
+    def _upsample(z: torch.Tensor, pn: int, size: tuple[int, int]) -> torch.Tensor:
+        """[B, pn*pn, D] code rows -> [B, D, H, W] bicubic (align_corners=False)."""
+        grid = z.reshape(z.shape[0], pn, pn, z.shape[-1]).permute(0, 3, 1, 2)
+        return F.interpolate(grid, size=size, mode="bicubic", align_corners=False).contiguous()
+
+    def _entropy_loss(self, logits: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1]) / self.entropy_temperature
+        probs = F.softmax(flat, dim=-1)
+        log_probs = F.log_softmax(flat + eps, dim=-1)  # the official code adds eps to the logits here
+        avg_probs = probs.mean(dim=0)
+        batch_entropy = -torch.sum(avg_probs * torch.log(avg_probs + eps))
+        sample_entropy = torch.mean(-torch.sum(probs * log_probs, dim=-1))
+        return self.sample_minimization_weight * sample_entropy - self.batch_maximization_weight * batch_entropy
+
+    def _run(self, latent: torch.Tensor, *, losses: bool, trace: bool):
+        B, D, H, W = latent.shape
+        if D != self.dim:
+            raise ValueError(f"latent has {D} channels, the quantizer expects {self.dim}")
+        codes = self.codebooks.weight
+        keys = self.attn.keys(codes)
+        values = self.attn.values(codes)
+        f_hat = torch.zeros_like(latent)
+        residual = latent
+        ids, vq_terms, ent_terms = [], [], []
+        t_inputs, t_codes, t_margin = [], [], []
+        for pn in self.patch_size_list:
+            r = self._level_input(residual, pn)                          # [B, M, D]
+            logits = self.attn.logits(self.attn.queries(r), keys)        # [B, M, V]
+            # The official code takes the argmax of softmax(logits); softmax is monotone, so the index is the same.
+            idx = logits.argmax(dim=-1)                                  # [B, M]
+            z_hard = values[idx]                                         # [B, M, D]
+            if losses:
+                soft = F.softmax(logits, dim=-1)
+                # Value of z_hard, gradient of (hard - sg(soft) + soft) @ values: (soft - sg(soft)) is exactly 0.
+                z_soft = z_hard + torch.matmul(soft - soft.detach(), values)
+                vq_terms.append(torch.mean((z_soft - r) ** 2) + torch.mean((z_hard.detach() - r) ** 2)
+                                + self.beta * torch.mean((z_hard - r.detach()) ** 2))
+                ent_terms.append(self._entropy_loss(logits))
+            else:
+                z_soft = z_hard
+            up = self._upsample(z_soft, pn, (H, W))
+            f_hat = f_hat + up
+            residual = residual - up
+            ids.append(idx.reshape(B, pn, pn))
+            if trace:
+                t_inputs.append(r)
+                t_codes.append(z_hard)
+                top2 = logits.topk(2, dim=-1).values if logits.shape[-1] > 1 else logits.expand(-1, -1, 2)
+                t_margin.append(top2[..., 0] - top2[..., 1])
+        return f_hat, ids, vq_terms, ent_terms, (t_inputs, t_codes, t_margin)
+
+    # ---- public API -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, latent: torch.Tensor) -> list[torch.Tensor]:
+        """Scaled latent [B, D, H, W] -> per-level int64 ids [B, pn, pn], coarse -> fine."""
+        return self._run(latent, losses=False, trace=False)[1]
+
+    @torch.no_grad()
+    def decode_indices(self, indices: Sequence[torch.Tensor] | torch.Tensor,
+                       size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Ids (per-level list or flat [B, T]) -> quantized latent f_hat [B, D, H, W].
+
+        size: latent (H, W); default (pn, pn) of the last level.
+        """
+        if isinstance(indices, torch.Tensor):
+            indices = self.split_indices(indices)
+        if len(indices) != len(self.patch_size_list):
+            raise ValueError(f"expected {len(self.patch_size_list)} levels, got {len(indices)}")
+        last = self.patch_size_list[-1]
+        size = (last, last) if size is None else tuple(size)
+        values = self.attn.values(self.codebooks.weight)
+        f_hat = None
+        for idx, pn in zip(indices, self.patch_size_list):
+            idx = idx.reshape(idx.shape[0], pn * pn).long()
+            up = self._upsample(values[idx], pn, size)
+            f_hat = up if f_hat is None else f_hat + up
+        return f_hat
+
+    def forward(self, latent: torch.Tensor) -> QuantizerOutput:
+        """Training/official forward: quantized latent (value = f_hat), per-level ids, vq_loss, entropy_loss."""
+        f_hat, ids, vq_terms, ent_terms, _ = self._run(latent, losses=True, trace=False)
+        return QuantizerOutput(f_hat, ids, torch.stack(vq_terms).mean(), torch.stack(ent_terms).mean())
+
+    @torch.no_grad()
+    def trace(self, latent: torch.Tensor) -> QuantizerTrace:
+        """Inference pass that also returns per-token intermediates (for parity checks and debugging)."""
+        f_hat, ids, _, _, (inp, cod, mar) = self._run(latent, losses=False, trace=True)
+        return QuantizerTrace(f_hat, self.flatten_indices(ids), torch.cat(inp, 1), torch.cat(cod, 1),
+                              torch.cat(mar, 1))
