@@ -242,11 +242,12 @@ def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home
             "--seed", "5"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TORCH_HOME": str(torch_home),
            "HF_HUB_OFFLINE": "1"}
-    one = subprocess.run([sys.executable, "-m", "tokcli", *args], capture_output=True, text=True, env=env,
-                         timeout=600)
+    one = subprocess.run([sys.executable, "-m", "tokcli", *args, "--report", str(tmp_path / "one.md")],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "tokcli", *args], capture_output=True, text=True, env=env, timeout=600)
+                          "-m", "tokcli", *args, "--report", str(tmp_path / "two.md")], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, "only rank 0 prints"
@@ -257,6 +258,8 @@ def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home
     assert r2["per_image"]["ssim"] == pytest.approx(r1["per_image"]["ssim"], abs=1e-12)
     assert r2["metrics"]["usage"] == r1["metrics"]["usage"]
     assert r2["metrics"]["rfid"] == pytest.approx(r1["metrics"]["rfid"], rel=1e-6)
+    # the report's image grid shows the first images of the input list, whichever rank decoded them
+    assert (tmp_path / "two_grid.png").read_bytes() == (tmp_path / "one_grid.png").read_bytes()
     # the FlowMo per-batch PSNR does not depend on how images are batched or sharded
     args_fl = ["bench", "psnr", str(images), "-m", str(tiny_gd_model), "--device", "cpu", "--json", "-q",
                "--psnr-mode", "flowmo", "-b", "3"]

@@ -353,7 +353,16 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
         "skipped": skipped,
         "per_image": per_image,
     }
-    return result, errors, pics.arrays()
+    grid_arrays = pics.arrays()
+    if world > 1:  # the first images of the whole input list, whichever rank scored them
+        parts = [g for g in gather_objects(grid_arrays) if g is not None]
+        if parts:
+            keys = [k for g in parts for k in g[2]]
+            orig = np.concatenate([g[0] for g in parts])
+            recon = np.concatenate([g[1] for g in parts])
+            order = np.argsort([positions[k] for k in keys], kind="stable")[:grid]
+            grid_arrays = (orig[order], recon[order], [keys[i] for i in order])
+    return result, errors, grid_arrays
 
 
 def folder_stats(items, out: str | Path, *, size: int = 256, inception_weights: str | None = None,
