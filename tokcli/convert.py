@@ -65,7 +65,9 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
             raise TokError(f"no such file: {source}")
         entry = get_entry(source)
         if not entry.hub_repo:
-            raise TokUsageError(f"{source} has no official checkpoint to convert (it is a tok-native model)")
+            if entry.shipped:
+                raise TokUsageError(f"{source} has no official checkpoint to convert (it is a tok-native model)")
+            raise TokError(f"{source} cannot be fetched as one file: {entry.notes}")
         family = entry.family
         model_args = dict(entry.model_args)
         name = name or entry.name

@@ -32,7 +32,7 @@ def image_size_for(model, image_size: int | None) -> int:
     size = int(image_size or pre["image_size"])
     m = int(pre.get("multiple_of", 1))
     if size % m:
-        raise TokUsageError(f"--image-size {size} is not a multiple of {m} (the model's downsample factor)")
+        raise TokUsageError(f"--image-size {size} is not a multiple of {m} (what {model.name or 'the model'} needs)")
     return size
 
 

@@ -182,8 +182,9 @@ def resolve(name_or_path: str | os.PathLike | None = None) -> ModelFolder:
             f"model {name} is not converted on this machine: run `tok convert {name}` (it needs the official "
             f"checkpoint {entry.hub_repo}:{entry.hub_filename}, from the Hub or the Hugging Face cache) "
             f"to create {converted_dir(name)}")
+    how = f"; {entry.notes}" if entry.notes and not entry.shipped else ""
     raise MissingWeightsError(f"model {name} has no weights on this machine (looked in "
-                              f"{', '.join(str(d / name) for d in weights_dirs())} and {converted_dir(name)})")
+                              f"{', '.join(str(d / name) for d in weights_dirs())} and {converted_dir(name)}){how}")
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from types import ModuleType
 from tokcli.errors import TokError
 
 _FAMILIES = {
+    "coda": "tokcli.families.coda",
     "wetok": "tokcli.families.wetok",
 }
 

@@ -1,0 +1,27 @@
+"""CODA family (LeapLabTHU/CODA): a frozen continuous KL-VAE with conv LoRA adapters, followed by the
+multi-scale attention quantizer (:mod:`tokcli.quant.multiscale`).
+
+    build(model_args) -> Coda                                   (model.py)
+    convert(vae_ema_path, config_path, dest, ...) -> ModelFolder (convert.py: official files -> model folder)
+
+- :mod:`tokcli.families.coda.vae`: the CODA-MAR KL-VAE (diffusers ``AutoencoderKL`` + peft LoRA) and the loader
+  for the official checkpoint files (``kl16.safetensors``-style base weights + ``vae_ema.pth``).
+
+Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
+"""
+
+import importlib
+
+FAMILY = "coda"
+
+_LAZY = {"Coda": "model", "build": "model", "normalize_model_args": "model", "convert_official": "convert",
+         "convert": "convert"}
+
+__all__ = ["FAMILY", *_LAZY]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(name)
+    mod = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+    return getattr(mod, "convert_official" if name == "convert" else name)
