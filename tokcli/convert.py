@@ -19,8 +19,12 @@ def fetch_official(entry) -> Path:
     """Path of a registry entry's official checkpoint: from the HF cache, or downloaded when online."""
     from huggingface_hub import hf_hub_download
 
+    from tokcli.core.registry import hf_env
+
+    cache, offline = hf_env()
     try:
-        return Path(hf_hub_download(entry.hub_repo, entry.hub_filename, revision=entry.hub_revision))
+        return Path(hf_hub_download(entry.hub_repo, entry.hub_filename, revision=entry.hub_revision,
+                                    cache_dir=cache, local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - offline / missing / network: one actionable line
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = ("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache" if offline

@@ -127,6 +127,15 @@ def local_folder(name: str) -> Path | None:
 
 # --- resolution -----------------------------------------------------------------------------------------------
 
+def hf_env() -> tuple[str | None, bool]:
+    """(cache dir, offline) from the environment as it is now: huggingface_hub freezes its constants when it is
+    first imported, so a later HF_HUB_CACHE / HF_HUB_OFFLINE would otherwise be ignored."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                               if os.environ.get("HF_HOME") else None)
+    return cache, offline
+
+
 def _hf_snapshot(spec: str) -> Path:
     repo, _, rev = spec.partition("@")
     if repo.count("/") != 1:
@@ -136,8 +145,9 @@ def _hf_snapshot(spec: str) -> Path:
         from huggingface_hub.errors import HFValidationError
     except ImportError:  # pragma: no cover - a declared dependency
         raise TokError("huggingface_hub is not installed (pip install huggingface-hub)") from None
+    cache, offline_now = hf_env()
     try:
-        path = snapshot_download(repo, revision=rev or None,
+        path = snapshot_download(repo, revision=rev or None, cache_dir=cache, local_files_only=offline_now,
                                  allow_patterns=["config.json", "model.safetensors", "README.md"])
     except HFValidationError as e:
         raise TokUsageError(f"hf-hub:{spec}: {e}") from None
