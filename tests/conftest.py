@@ -19,6 +19,26 @@ TINY_ARGS = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 16,
              "codebook_size": 256, "generative_decoder": False, "image_size": 32}
 
 
+CODA_PARITY = PARITY / "coda"
+requires_coda_parity = pytest.mark.skipif(not (CODA_PARITY / "expected.npz").is_file(),
+                                          reason=f"CODA parity fixture not found at {CODA_PARITY} (set TOK_PARITY_DIR)")
+
+
+@pytest.fixture(scope="session")
+def coda_config() -> dict:
+    """The CODA parity set's config.json (official key names + the VAE block)."""
+    import json
+
+    return json.loads((CODA_PARITY / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def coda_expected() -> dict:
+    """The CODA parity set's expected arrays (read once per session; tests must not modify them)."""
+    with np.load(CODA_PARITY / "expected.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def make_model_folder(dest: Path, args: dict, seed: int = 0, name: str | None = None) -> Path:
     import torch
 

@@ -9,11 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PARITY, run_tok
+from conftest import CODA_PARITY, requires_coda_parity, run_tok
 
-CODA = PARITY / "coda"
-pytestmark = pytest.mark.skipif(not (CODA / "expected.npz").is_file(),
-                                reason=f"CODA parity fixture not found at {CODA}")
+CODA = CODA_PARITY
+pytestmark = requires_coda_parity
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,7 @@ def converted(tmp_path_factory):
     return dest
 
 
-@pytest.fixture(scope="module")
-def expected():
-    with np.load(CODA / "expected.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def test_converted_folder_encodes_and_decodes_like_the_official_code(converted, expected):
+def test_converted_folder_encodes_and_decodes_like_the_official_code(converted, coda_expected):
     import torch
 
     import tokcli
@@ -40,16 +33,16 @@ def test_converted_folder_encodes_and_decodes_like_the_official_code(converted, 
     assert cfg["family"] == "coda" and cfg["tokens"]["shape"] == [680] and cfg["tokens"]["codebook_size"] == 64
     prov = cfg["provenance"]
     assert prov["quantizer"].endswith("quantizer_ema.pth") and prov["base_vae"].endswith("base_vae.safetensors")
-    x = torch.from_numpy(expected["pixel_values"])
+    x = torch.from_numpy(coda_expected["pixel_values"])
     ids = tok.encode(x)
-    assert ids.shape == (2, 680) and torch.equal(ids, torch.from_numpy(expected["level_indices"]))
-    recon = tok.decode(torch.from_numpy(expected["level_indices"]), clamp=False)
-    assert np.abs(recon.numpy() - expected["recon"]).max() < 1e-4  # README tolerance
+    assert ids.shape == (2, 680) and torch.equal(ids, torch.from_numpy(coda_expected["level_indices"]))
+    recon = tok.decode(torch.from_numpy(coda_expected["level_indices"]), clamp=False)
+    assert np.abs(recon.numpy() - coda_expected["recon"]).max() < 1e-4  # README tolerance
     clamped = tok.decode(ids)
     assert float(clamped.max()) <= 1 and float(clamped.min()) >= -1
 
 
-def test_cli_round_trip_and_token_file(converted, tmp_path):
+def test_cli_round_trip_and_token_file(converted, coda_expected, tmp_path):
     from PIL import Image
 
     imgs = tmp_path / "imgs"
@@ -63,8 +56,7 @@ def test_cli_round_trip_and_token_file(converted, tmp_path):
     with np.load(codes, allow_pickle=False) as z:
         idx = z["indices"]
         header = json.loads(str(z["header"][()]))
-    with np.load(CODA / "expected.npz", allow_pickle=False) as z:
-        assert np.array_equal(idx.astype(np.int64), z["level_indices"])  # 64x64 PNGs: no crop or resize
+    assert np.array_equal(idx.astype(np.int64), coda_expected["level_indices"])  # 64x64 PNGs: no crop or resize
     assert idx.dtype == np.uint8 and header["family"] == "coda"  # codebook 64 -> one byte per token
     p = run_tok("decode", codes, "-o", tmp_path / "dec")
     assert p.returncode == 0, p.stderr.decode()

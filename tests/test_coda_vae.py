@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PARITY
+from conftest import CODA_PARITY, requires_coda_parity
 from tokcli.errors import TokError
 from tokcli.families.coda.vae import (CodaMARVAE, convert_official_vae_state_dict, diffusers_to_ldm_module,
                                       ldm_to_diffusers_module, load_official_vae_file)
 
-FIX = PARITY / "coda"
-pytestmark = pytest.mark.skipif(not (FIX / "expected.npz").is_file(),
-                                reason=f"CODA parity fixture not found at {FIX} (set TOK_PARITY_DIR)")
+FIX = CODA_PARITY
+pytestmark = requires_coda_parity
 
 TOL = {
     "pixel_values": 0.0,
@@ -49,17 +48,6 @@ def _maxdiff(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return json.loads((FIX / "config.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def expected():
-    with np.load(FIX / "expected.npz") as z:
-        return {k: z[k] for k in z.files}
-
-
-@pytest.fixture(scope="module")
 def x():
     u8 = torch.from_numpy(np.load(FIX / "inputs.npy"))              # [N, H, W, 3] uint8
     v = u8.float().div(255).permute(0, 3, 1, 2).contiguous()
@@ -77,26 +65,26 @@ def base_vae():
 
 
 @pytest.fixture(scope="module")
-def outputs(vae, x, expected):
+def outputs(vae, x, coda_expected):
     with torch.inference_mode():
         mean, std = vae.posterior(x)
         return {
             "moments": vae.moments(x), "posterior_mean": mean, "posterior_std": std, "latent": vae.encode(x),
-            "latent_sampled": vae.encode_sampled(x, noise=torch.from_numpy(expected["sample_noise"])),
-            "recon": vae.decode(torch.from_numpy(expected["f_hat"])),
-            "recon_sampled": vae.decode(torch.from_numpy(expected["f_hat_sampled"])),
-            "recon_continuous": vae.decode(torch.from_numpy(expected["latent"])),
+            "latent_sampled": vae.encode_sampled(x, noise=torch.from_numpy(coda_expected["sample_noise"])),
+            "recon": vae.decode(torch.from_numpy(coda_expected["f_hat"])),
+            "recon_sampled": vae.decode(torch.from_numpy(coda_expected["f_hat_sampled"])),
+            "recon_continuous": vae.decode(torch.from_numpy(coda_expected["latent"])),
         }
 
 
-def test_architecture_from_config(vae, cfg):
-    v = cfg["vae"]
+def test_architecture_from_config(vae, coda_config):
+    v = coda_config["vae"]
     dcfg = vae.vae.config
     assert list(dcfg.block_out_channels) == [v["ch"] * m for m in v["ch_mult"]] == [32, 64, 32]
     assert dcfg.layers_per_block == v["num_res_blocks"] and dcfg.latent_channels == v["embed_dim"]
     assert list(dcfg.down_block_types) == ["DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"]
     assert list(dcfg.up_block_types) == ["UpDecoderBlock2D"] * 3
-    assert vae.latent_scale == cfg["latent_scale"] == 0.2325 and vae.lora_rank == cfg["decoder_lora_rank"]
+    assert vae.latent_scale == coda_config["latent_scale"] == 0.2325 and vae.lora_rank == coda_config["decoder_lora_rank"]
 
 
 def test_key_mapping_roundtrip(base_vae):
@@ -125,66 +113,66 @@ def test_strict_loading(vae, base_vae):
         CodaMARVAE(base_vae.vae_cfg).load_official_state_dict(ema)
 
 
-def test_encode_matches_official(outputs, x, expected):
-    assert _maxdiff(x, expected["pixel_values"]) == 0.0
+def test_encode_matches_official(outputs, x, coda_expected):
+    assert _maxdiff(x, coda_expected["pixel_values"]) == 0.0
     for name in ("moments", "posterior_mean", "posterior_std", "latent", "latent_sampled"):
-        assert outputs[name].shape == expected[name].shape
-        assert _maxdiff(outputs[name], expected[name]) <= TOL[name], name
+        assert outputs[name].shape == coda_expected[name].shape
+        assert _maxdiff(outputs[name], coda_expected[name]) <= TOL[name], name
 
 
-def test_decode_matches_official(outputs, expected):
+def test_decode_matches_official(outputs, coda_expected):
     for name in ("recon", "recon_sampled", "recon_continuous"):
-        assert outputs[name].shape == expected[name].shape
-        assert _maxdiff(outputs[name], expected[name]) <= TOL[name], name
+        assert outputs[name].shape == coda_expected[name].shape
+        assert _maxdiff(outputs[name], coda_expected[name]) <= TOL[name], name
 
 
-def test_base_vae_and_lora_is_applied(base_vae, outputs, x, expected):
+def test_base_vae_and_lora_is_applied(base_vae, outputs, x, coda_expected):
     with torch.inference_mode():
         mean_b = base_vae.posterior(x)[0]
-        rc_b = base_vae.decode(torch.from_numpy(expected["latent"]))
-    assert _maxdiff(mean_b, expected["posterior_mean_base"]) <= TOL["posterior_mean_base"]
-    assert _maxdiff(rc_b, expected["recon_continuous_base"]) <= TOL["recon_continuous_base"]
+        rc_b = base_vae.decode(torch.from_numpy(coda_expected["latent"]))
+    assert _maxdiff(mean_b, coda_expected["posterior_mean_base"]) <= TOL["posterior_mean_base"]
+    assert _maxdiff(rc_b, coda_expected["recon_continuous_base"]) <= TOL["recon_continuous_base"]
     # LoRA really changes both encoder and decoder (README: 4.24 and 0.27)
     assert _maxdiff(mean_b, outputs["posterior_mean"]) > 1.0
     assert _maxdiff(rc_b, outputs["recon_continuous"]) > 0.05
 
 
-def test_end_to_end_ids(outputs, expected, cfg):
+def test_end_to_end_ids(outputs, coda_expected, coda_config):
     from tokcli.quant.multiscale import MultiScaleAttentionQuantizer
 
-    q = MultiScaleAttentionQuantizer.from_config(cfg)
+    q = MultiScaleAttentionQuantizer.from_config(coda_config)
     q.load_state_dict(torch.load(FIX / "quantizer_ema.pth", map_location="cpu", weights_only=True), strict=True)
     with torch.inference_mode():
         for suffix in ("", "_sampled"):
             ids = q.encode(outputs["latent" + suffix])
-            assert torch.equal(q.flatten_indices(ids), torch.from_numpy(expected["level_indices" + suffix]))
+            assert torch.equal(q.flatten_indices(ids), torch.from_numpy(coda_expected["level_indices" + suffix]))
 
 
-def test_non_ema_file_refused_and_differs(x, expected, outputs):
+def test_non_ema_file_refused_and_differs(x, coda_expected, outputs):
     with pytest.raises(TokError, match="non-EMA"):
         CodaMARVAE.from_official(FIX, FIX / "vae.pth", FIX / "base_vae.safetensors")
     raw = CodaMARVAE.from_official(FIX, FIX / "vae.pth", FIX / "base_vae.safetensors", allow_non_ema=True)
     with torch.inference_mode():
         lat = raw.encode(x)
-        rc = raw.decode(torch.from_numpy(expected["latent"]))
-    assert _maxdiff(lat, expected["latent"]) > 100 * TOL["latent"]
+        rc = raw.decode(torch.from_numpy(coda_expected["latent"]))
+    assert _maxdiff(lat, coda_expected["latent"]) > 100 * TOL["latent"]
     assert _maxdiff(rc, outputs["recon_continuous"]) > 100 * TOL["recon_continuous"]
 
 
-def test_merged_lora_matches(x, expected):
+def test_merged_lora_matches(x, coda_expected):
     m = CodaMARVAE.from_official(FIX, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
     m.merge_lora()
     with torch.inference_mode():
-        assert _maxdiff(m.encode(x), expected["latent"]) <= TOL["latent"]
-        assert _maxdiff(m.decode(torch.from_numpy(expected["f_hat"])), expected["recon"]) <= TOL["recon"]
+        assert _maxdiff(m.encode(x), coda_expected["latent"]) <= TOL["latent"]
+        assert _maxdiff(m.decode(torch.from_numpy(coda_expected["f_hat"])), coda_expected["recon"]) <= TOL["recon"]
 
 
-def test_config_mismatch_is_refused(cfg):
-    bad = json.loads(json.dumps(cfg))
+def test_config_mismatch_is_refused(coda_config):
+    bad = json.loads(json.dumps(coda_config))
     bad["decoder_lora_rank"] = 8
     with pytest.raises(TokError, match="rank"):
         CodaMARVAE.from_official(bad, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
-    bad = json.loads(json.dumps(cfg))
+    bad = json.loads(json.dumps(coda_config))
     bad["vae"]["ch_mult"] = [1, 2, 2]
     with pytest.raises(TokError, match="does not match"):
         CodaMARVAE.from_official(bad, None, FIX / "base_vae.safetensors")

@@ -25,20 +25,13 @@ from typing import Any
 import numpy as np
 
 from tokcli import __version__
+from tokcli.core.checkpoint import sha256_file
 from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "usage", "bpp")
 NEEDS_WEIGHTS = ("lpips", "rfid")
 FLOWMO_BATCH = 5  # the official FlowMo / Open-MAGVIT2 evaluation batch (its PSNR is per batch)
 JOINT_MAX = 1 << 20  # joint-code usage is counted when the joint codebook has at most this many entries
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _warn(msg: str, quiet: bool) -> None:
@@ -80,7 +73,7 @@ def _load_scorers(metrics, *, lpips_net, lpips_weights, inception_weights, ref_s
                 lp = load_lpips(lpips_net, backbone="pretrained", device=device, weights=lpips_weights)
                 src = Path(lpips_weights) if lpips_weights else backbone_path(lpips_net)
                 loaded["lpips"] = (lp, {"net": lpips_net, "version": "0.1", "backbone_file": src.name,
-                                        "backbone_sha256": file_sha256(src)})
+                                        "backbone_sha256": sha256_file(src)})
             else:
                 from tokcli.metrics import fid
 
@@ -339,7 +332,7 @@ def _evaluate(items, *, dev, rank, world, model, metrics, n, image_size, batch_s
     if "rfid" in scorers:
         protocol["rfid"] = {
             "reference": ("the same images before tokenization (originals after the crop)" if ref_stats is None
-                          else f"statistics file {Path(ref_stats).name} (sha256 {file_sha256(ref_stats)})"),
+                          else f"statistics file {Path(ref_stats).name} (sha256 {sha256_file(ref_stats)})"),
             "feature_extractor": "FID Inception-v3 (TF port, pt_inception-2015-12-05), pool3 2048-d",
             "weights_sha256": scorers["rfid"][1],
             "resize": "bilinear to 299x299, align_corners=False, no antialias (as pytorch-fid)",

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 
 from tokcli.core.atomic import atomic_path, atomic_write_text
+from tokcli.core.checkpoint import sha256_file
 from tokcli.errors import TokError
 
 TOK_FORMAT = 1
@@ -211,14 +212,6 @@ def write_token_file(path: str | os.PathLike, *, header: dict, keys: Sequence[st
         raise TokError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(directory: str | os.PathLike, shard_files: Sequence[str], header: dict | None = None) -> dict:
     """Write ``manifest.json`` for shard files already in ``directory`` (validating each; counts and sha256
     are computed). ``header`` defaults to the first shard's. Returns the manifest."""
@@ -229,7 +222,7 @@ def write_manifest(directory: str | os.PathLike, shard_files: Sequence[str], hea
         tf = read_token_file(directory / name)
         if header is None:
             header = tf.header
-        shards.append({"file": name, "count": len(tf), "sha256": _sha256_file(directory / name)})
+        shards.append({"file": name, "count": len(tf), "sha256": sha256_file(directory / name)})
         total += len(tf)
     manifest = {"tok_format": TOK_FORMAT, "header": header or {}, "count": total, "shards": shards}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False,

@@ -14,6 +14,20 @@ _FAMILIES = {
 }
 
 
+def lazy_attributes(package: str, table: dict[str, str], aliases: dict[str, str] | None = None):
+    """A module ``__getattr__`` for a family package: attribute -> submodule, imported on first use, so that reading
+    the registry (`tok models`) never imports torch. ``aliases`` maps a public name to the submodule's name."""
+    aliases = aliases or {}
+
+    def __getattr__(name):
+        if name not in table:
+            raise AttributeError(name)
+        mod = importlib.import_module(f"{package}.{table[name]}")
+        return getattr(mod, aliases.get(name, name))
+
+    return __getattr__
+
+
 def family_names() -> list[str]:
     return sorted(_FAMILIES)
 

@@ -34,7 +34,6 @@ pytorch-fid's or torch-fidelity's file name, then pytorch-fid's GitHub release u
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 import zipfile
@@ -47,6 +46,7 @@ from torch import nn
 from torchvision.models import inception as tv_inception
 
 from tokcli.core.atomic import atomic_path
+from tokcli.core.checkpoint import sha256_file
 from tokcli.errors import MissingWeightsError, TokError
 
 FEATURE_DIM = 2048
@@ -200,14 +200,6 @@ class FIDInception(nn.Module):
 def _offline() -> bool:
     return any(os.environ.get(k, "").strip().lower() not in ("", "0", "false", "no", "off")
                for k in ("HF_HUB_OFFLINE", "TOK_OFFLINE"))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_folder() -> Path:

@@ -10,7 +10,7 @@ multi-scale attention quantizer (:mod:`tokcli.quant.multiscale`).
 Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
 """
 
-import importlib
+from tokcli.families import lazy_attributes
 
 FAMILY = "coda"
 
@@ -20,8 +20,4 @@ _LAZY = {"Coda": "model", "build": "model", "normalize_model_args": "model", "co
 __all__ = ["FAMILY", *_LAZY]
 
 
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(name)
-    mod = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-    return getattr(mod, "convert_official" if name == "convert" else name)
+__getattr__ = lazy_attributes(__name__, _LAZY, {"convert": "convert_official"})

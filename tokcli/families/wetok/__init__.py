@@ -6,7 +6,7 @@
 Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
 """
 
-import importlib
+from tokcli.families import lazy_attributes
 
 FAMILY = "wetok"
 
@@ -18,8 +18,4 @@ _LAZY = {
 __all__ = ["FAMILY", *_LAZY]
 
 
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(name)
-    mod = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-    return getattr(mod, "convert_official" if name == "convert" else name)
+__getattr__ = lazy_attributes(__name__, _LAZY, {"convert": "convert_official"})
