@@ -10,6 +10,7 @@ from tokcli.errors import TokError
 
 _FAMILIES = {
     "coda": "tokcli.families.coda",
+    "kl": "tokcli.families.kl",
     "wetok": "tokcli.families.wetok",
 }
 
@@ -54,6 +55,8 @@ def build_from_folder(folder, device: str = "cpu"):
     model.sha256 = folder.sha256
     model.source = str(folder.path)
     model.decode_defaults = dict(folder.config.get("decode", {}))
+    if hasattr(model, "prepare_for_inference"):  # e.g. fuse LoRA adapters
+        model.prepare_for_inference()
     return model.to(device).eval()
 
 

@@ -33,7 +33,27 @@ def wetok_losses(model, x, recon, aux, recipe) -> dict[str, torch.Tensor]:
     return out
 
 
-FAMILY_LOSSES: dict[str, LossHook] = {"wetok": wetok_losses}
+def kl_losses(model, x, recon, aux, recipe) -> dict[str, torch.Tensor]:
+    """KL autoencoder: kl_weight * KL(q(z|x) || N(0, I)) (summed over the latent, averaged over the batch)."""
+    w = recipe.loss.kl_weight
+    return {"kl": w * aux["kl"]} if w else {}
+
+
+def coda_losses(model, x, recon, aux, recipe) -> dict[str, torch.Tensor]:
+    """CODA (official train_*.py): vq_weight * the quantizer's vq loss (its soft/hard terms with the commitment beta
+    inside) + entropy_weight * the per-level entropy penalty. The other quantizers of the CODA family (nearest-
+    neighbour VQ and multi-scale residual VQ, the Table 1 baselines) return their codebook + commitment loss as
+    ``vq_loss`` and no entropy term."""
+    lo = recipe.loss
+    out = {}
+    if lo.vq_weight:
+        out["vq"] = lo.vq_weight * aux["vq_loss"]
+    if lo.entropy_weight and "entropy_loss" in aux:
+        out["entropy"] = lo.entropy_weight * aux["entropy_loss"]
+    return out
+
+
+FAMILY_LOSSES: dict[str, LossHook] = {"wetok": wetok_losses, "kl": kl_losses, "coda": coda_losses}
 
 
 def family_losses(family: str) -> LossHook:

@@ -4,13 +4,17 @@ Every key is known and typed: an unknown key or a value of the wrong type is a T
 and the file. Relative paths (``data.roots``, ``model.init_from``) are taken relative to the working folder,
 which is the repository root for the shipped recipes.
 
-    [model]  family, name, license, model_args = {...}, init_from (stage-1 model folder), generative_decoder_stage2
+    [model]  family, name, license, model_args = {...}, init_from (a model folder to start from: the stage-1 model
+             for generative_decoder_stage2, or the frozen base for families that adapt one, e.g. CODA on a KL VAE),
+             generative_decoder_stage2
     [data]   roots (folders, image files or .txt file lists), crop_size, random_resize = [lo, hi], batch_size,
              workers, hflip, cache, recursive
     [loss]   l1_weight, l2_weight, perceptual ("lpips-vgg" | "lpips-vgg-random" | "none"), perceptual_weight,
              gan_weight (0 = no GAN), disc_start, lecam_weight, lecam_decay, entropy_mode, entropy_weight,
-             commitment_weight, disc_ndf, disc_layers
-    [optim]  lr, disc_lr, betas, weight_decay, grad_accum, max_steps, ema_decay (0 = off), grad_clip, lr_schedule
+             commitment_weight, kl_weight (KL autoencoders), vq_weight (CODA's quantizer loss), disc_ndf, disc_layers
+    [optim]  optimizer ("adam" | "adamw"), lr, disc_lr, betas, weight_decay, grad_accum, max_steps, ema_decay
+             (0 = off), grad_clip, lr_schedule ("constant" | "cosine": from lr to min_lr over max_steps after
+             warmup_steps of linear warm-up), warmup_steps, min_lr
     [run]    seed, log_every, ckpt_every, sample_every, keep_checkpoints, device, precision ("fp32" | "bf16"),
              deterministic
 
@@ -32,7 +36,8 @@ from tokcli.errors import TokUsageError
 PERCEPTUAL_CHOICES = ("lpips-vgg", "lpips-vgg-random", "none")
 ENTROPY_MODES = ("official", "paper")
 PRECISIONS = ("fp32", "bf16")
-LR_SCHEDULES = ("constant",)
+LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass
@@ -41,7 +46,7 @@ class ModelSection:
     name: str = ""
     license: str = "other"  # licence recorded in the exported model folder
     model_args: dict = field(default_factory=dict)
-    init_from: str | None = None  # stage 2: the stage-1 model folder to start from
+    init_from: str | None = None  # stage 2: the stage-1 model folder; CODA: the base KL VAE folder
     generative_decoder_stage2: bool = False
 
 
@@ -72,12 +77,15 @@ class LossSection:
     entropy_mode: str | None = None  # overrides model_args.entropy_mode when set
     entropy_weight: float = 0.1
     commitment_weight: float = 0.25
+    kl_weight: float = 1e-6  # KL autoencoders (family "kl")
+    vq_weight: float = 1.0  # CODA's quantizer loss (family "coda")
     disc_ndf: int = 64
     disc_layers: int = 3
 
 
 @dataclass
 class OptimSection:
+    optimizer: str = "adam"
     lr: float = 1e-4
     disc_lr: float | None = None  # default: lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
@@ -87,6 +95,8 @@ class OptimSection:
     ema_decay: float = 0.999  # 0 = no EMA (the raw weights are exported)
     grad_clip: float | None = None
     lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -244,8 +254,6 @@ def _check_values(r: Recipe) -> None:
     if m.generative_decoder_stage2:
         need(bool(m.init_from), "'model.generative_decoder_stage2' needs 'model.init_from' (a stage-1 model folder)")
         need(not m.model_args, "'model.model_args' must be left out in stage 2: they come from 'model.init_from'")
-    elif m.init_from:
-        raise TokUsageError(f"{src}: 'model.init_from' is only used with generative_decoder_stage2 = true")
     need(len(d.roots) > 0, "'data.roots' must list at least one folder, image or file list")
     need(d.crop_size > 0, f"'data.crop_size' must be positive, got {d.crop_size}")
     need(len(d.random_resize) == 2 and 0 < d.random_resize[0] <= d.random_resize[1],
@@ -257,7 +265,7 @@ def _check_values(r: Recipe) -> None:
     need(lo.entropy_mode is None or lo.entropy_mode in ENTROPY_MODES,
          f"'loss.entropy_mode' must be one of {', '.join(ENTROPY_MODES)}, got {lo.entropy_mode!r}")
     for k in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "lecam_weight", "entropy_weight",
-              "commitment_weight"):
+              "commitment_weight", "kl_weight", "vq_weight"):
         need(getattr(lo, k) >= 0, f"'loss.{k}' must be >= 0, got {getattr(lo, k)}")
     need(0 <= lo.lecam_decay < 1, f"'loss.lecam_decay' must be in [0, 1), got {lo.lecam_decay}")
     need(lo.disc_start >= 0 and lo.disc_ndf > 0 and lo.disc_layers > 0,
@@ -270,6 +278,9 @@ def _check_values(r: Recipe) -> None:
     need(o.max_steps >= 1, f"'optim.max_steps' must be >= 1, got {o.max_steps}")
     need(0 <= o.ema_decay < 1, f"'optim.ema_decay' must be in [0, 1) (0 = off), got {o.ema_decay}")
     need(o.grad_clip is None or o.grad_clip > 0, f"'optim.grad_clip' must be positive, got {o.grad_clip}")
+    need(o.optimizer in OPTIMIZERS, f"'optim.optimizer' must be one of {', '.join(OPTIMIZERS)}, got {o.optimizer!r}")
+    need(o.warmup_steps >= 0 and 0 <= o.min_lr <= o.lr,
+         "'optim.warmup_steps' must be >= 0 and 'optim.min_lr' in [0, lr]")
     need(o.lr_schedule in LR_SCHEDULES,
          f"'optim.lr_schedule' must be one of {', '.join(LR_SCHEDULES)}, got {o.lr_schedule!r}")
     need(run.log_every >= 1 and run.ckpt_every >= 1, "'run.log_every' and 'run.ckpt_every' must be >= 1")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import shutil
@@ -41,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tokcli.core.atomic import atomic_write_text
 from tokcli.core.checkpoint import read_model_folder, save_model_folder
 from tokcli.core.device import exact_math, resolve_device
+from tokcli.core.distributed import dist_env
 from tokcli.errors import TokError, TokUsageError
 from tokcli.families import build_from_folder, get_family
 from tokcli.losses.family import family_losses
@@ -64,7 +66,7 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
     max_steps = int(max_steps or r.optim.max_steps)
     if max_steps < 1:
         raise TokUsageError(f"max_steps must be >= 1, got {max_steps}")
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = dist_env()
     device = resolve_device(r.run.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -97,10 +99,13 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
     disc = NLayerDiscriminator(3, r.loss.disc_ndf, r.loss.disc_layers).to(device) if use_gan else None
     lecam = LeCAM(r.loss.lecam_decay)
     betas = tuple(r.optim.betas)
-    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=r.optim.lr, betas=betas,
-                             weight_decay=r.optim.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=r.optim.disc_lr or r.optim.lr, betas=betas,
-                             weight_decay=r.optim.weight_decay) if use_gan else None
+    opt_cls = torch.optim.AdamW if r.optim.optimizer == "adamw" else torch.optim.Adam
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TokUsageError(f"{r.source}: the model has no trainable parameter")
+    opt_g = opt_cls(trainable, lr=r.optim.lr, betas=betas, weight_decay=r.optim.weight_decay)
+    opt_d = opt_cls(disc.parameters(), lr=r.optim.disc_lr or r.optim.lr, betas=betas,
+                    weight_decay=r.optim.weight_decay) if use_gan else None
     ema = EMA(model, r.optim.ema_decay) if r.optim.ema_decay > 0 else None
     torch.manual_seed(r.run.seed * 7919 + rank)  # per-rank stream for anything random during training
     step = 0
@@ -139,6 +144,11 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
         logs: dict[str, float] = defaultdict(float)
 
         # ---- generator step -------------------------------------------------------------------------------
+        lr_factor = lr_multiplier(r, step)  # a pure function of the step: resuming needs no scheduler state
+        for opt, base in ((opt_g, r.optim.lr), (opt_d, r.optim.disc_lr or r.optim.lr)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = base * lr_factor
         if disc is not None:
             disc.requires_grad_(False)
         opt_g.zero_grad(set_to_none=True)
@@ -201,6 +211,7 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
             t_window, n_window = now, 0
             if is_main:
                 _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **{k: round(v, 6) for k, v in last.items()},
+                                                          "lr": r.optim.lr * lr_factor,
                                                           "images_per_s": round(ips, 3)})
         if bar is not None:
             bar.set_postfix({"loss": f"{last['loss']:.4f}", **({"l1": f"{last['l1']:.4f}"} if "l1" in last else {}),
@@ -219,7 +230,8 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
     model_dir = run_dir / "model"
     if is_main:
         state = ema.averaged_state_dict(model) if ema is not None else model.state_dict()
-        _export(model_dir, r, model, model_args, state, data, step, last, weights="ema" if ema else "raw")
+        export_model, model_args = _calibrate(r, model, model_args, state, data, device)
+        _export(model_dir, r, export_model, model_args, state, data, step, last, weights="ema" if ema else "raw")
     result = {
         "output_dir": str(run_dir), "model_dir": str(model_dir), "checkpoint": str(ckpt_out) if ckpt_out else None,
         "start_step": start_step, "steps": step, "max_steps": max_steps, "final_losses": last,
@@ -239,8 +251,21 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
 
 
 # ------------------------------------------------------------------------------------------------------------
-# losses
+# schedule and losses
 # ------------------------------------------------------------------------------------------------------------
+def lr_multiplier(r: Recipe, step: int) -> float:
+    """lr(step) / lr: linear warm-up over warmup_steps, then constant or cosine down to min_lr at max_steps."""
+    o = r.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.lr_schedule == "constant":
+        return 1.0
+    span = max(o.max_steps - o.warmup_steps, 1)
+    t = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    floor = o.min_lr / o.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _reconstruction_terms(x, recon, r: Recipe, perceptual) -> dict[str, torch.Tensor]:
     lo = r.loss
     recon = recon.float()
@@ -281,6 +306,13 @@ def _build_generator(r: Recipe, saved_args: dict | None):
                                 f"{r.model.family}")
         model = build_from_folder(folder).extend_to_generative()
         model.freeze_encoder()
+    elif r.model.init_from:
+        # a family that adapts a pretrained base (CODA on a KL VAE) builds itself around that folder
+        init_model = getattr(fam, "init_model", None)
+        if init_model is None:
+            raise TokUsageError(f"{r.source}: the {r.model.family} family cannot start from model.init_from "
+                                f"(only generative_decoder_stage2 or families that adapt a base model can)")
+        model = init_model(dict(r.model.model_args), read_model_folder(r.model.init_from))
     else:
         args = dict(r.model.model_args)
         if r.loss.entropy_mode is not None:
@@ -296,10 +328,6 @@ def _build_generator(r: Recipe, saved_args: dict | None):
 # ------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------
-def _dist_env() -> tuple[int, int, int]:
-    from tokcli.core.distributed import dist_env
-
-    return dist_env()
 
 
 def _seed_everything(seed: int) -> None:
@@ -501,9 +529,23 @@ def _display_path(p: Path) -> str:
         return str(p)
 
 
+def _calibrate(r: Recipe, model, model_args: dict, state: dict, data: TrainData, device):
+    """Families whose model_args depend on the trained weights (a KL VAE's latent scale) measure them here, on the
+    exported weights and the first training batches (at most 64 images; deterministic)."""
+    if not hasattr(model, "calibrate"):
+        return model, model_args
+    fam = get_family(r.model.family)
+    probe = fam.build(dict(model_args)).to(device)
+    probe.load_state_dict(state, strict=True)
+    probe.eval()
+    n = max(1, 64 // r.data.batch_size)
+    batches = data.batches(start=0)
+    return probe, probe.calibrate(next(batches) for _ in range(n))
+
+
 def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainData, step: int,
             last: dict[str, float], weights: str) -> None:
-    world = _dist_env()[1]
+    world = dist_env()[1]
     lo, o, d = r.loss, r.optim, r.data
     data_info = _data_summary(data)
     training = {
@@ -522,7 +564,11 @@ def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainDat
     if lo.gan_weight:
         terms.append(f"{lo.gan_weight} x GAN (PatchGAN ndf {lo.disc_ndf}, {lo.disc_layers} layers, hinge + "
                      f"{lo.lecam_weight} x LeCAM, from step {lo.disc_start})")
-    if not r.stage2:
+    if r.model.family == "kl":
+        terms.append(f"{lo.kl_weight} x KL")
+    elif r.model.family == "coda":
+        terms.append(f"{lo.vq_weight} x quantizer loss + {lo.entropy_weight} x entropy")
+    elif not r.stage2:
         terms += [f"{lo.entropy_weight} x entropy ({training['entropy_mode']})",
                   f"{lo.commitment_weight} x commitment"]
     if data_info.get("licenses"):
@@ -531,14 +577,18 @@ def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainDat
         data_line = f"{data_info['num_images']} images from {', '.join(d.roots)}; sources: {src}; licences: {lic}"
     else:
         data_line = f"{data_info['num_images']} images from {', '.join(d.roots)}"
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+    optim_text = (f"{'AdamW' if o.optimizer == 'adamw' else 'Adam'} lr {o.lr} betas {tuple(o.betas)} weight decay "
+                  f"{o.weight_decay}, {o.lr_schedule} schedule")
+    if o.warmup_steps or o.lr_schedule != "constant":
+        optim_text += f" (warm-up {o.warmup_steps} steps, min lr {o.min_lr})"
     card = (
         f"# {r.name}\n\nA `{r.model.family}` image tokenizer trained with `tok train` "
         f"({'stage 2, generative decoder' if r.stage2 else 'stage 1'}).\n\n"
         f"## Training data\n\n{data_line}.\nRandom crops of {d.crop_size} px (short side resized to "
         f"{d.random_resize[0]}-{d.random_resize[1]} x the crop size{', horizontal flips' if d.hflip else ''}).\n\n"
         f"## Training\n\n- recipe: `{r.source}`\n- steps: {step}, global batch {training['global_batch']}, "
-        f"Adam lr {o.lr} betas {tuple(o.betas)}, constant schedule\n- loss: {' + '.join(terms)}\n"
+        f"{optim_text}\n- loss: {' + '.join(terms)}\n"
         f"- perceptual loss: {_PERCEPTUAL_TEXT[lo.perceptual]}\n"
         f"- weights: {'EMA (decay %s)' % o.ema_decay if weights == 'ema' else 'raw (no EMA)'}\n"
         f"- final losses: {losses or 'n/a'}\n\n"

@@ -1,7 +1,8 @@
 """CODA family (LeapLabTHU/CODA): a frozen continuous KL-VAE with conv LoRA adapters, followed by the
-multi-scale attention quantizer (:mod:`tokcli.quant.multiscale`).
+multi-scale attention quantizer (:mod:`tokcli.quant.msrq`).
 
     build(model_args) -> Coda                                   (model.py)
+    init_model(model_args, kl_folder) -> Coda                   (model.py: tok train on a trained KL VAE)
     convert(vae_ema_path, config_path, dest, ...) -> ModelFolder (convert.py: official files -> model folder)
 
 - :mod:`tokcli.families.coda.vae`: the CODA-MAR KL-VAE (diffusers ``AutoencoderKL`` + peft LoRA) and the loader
@@ -14,8 +15,8 @@ from tokcli.families import lazy_attributes
 
 FAMILY = "coda"
 
-_LAZY = {"Coda": "model", "build": "model", "normalize_model_args": "model", "convert_official": "convert",
-         "convert": "convert"}
+_LAZY = {"Coda": "model", "build": "model", "init_model": "model", "normalize_model_args": "model",
+         "convert_official": "convert", "convert": "convert"}
 
 __all__ = ["FAMILY", *_LAZY]
 

@@ -1,5 +1,5 @@
 """The CODA tokenizer: a frozen continuous VAE adapted with LoRA (``vae.py``) whose scaled latent is quantized by the
-multi-scale attention quantizer (``tokcli/quant/multiscale.py``).
+multi-scale attention quantizer (``tokcli/quant/msrq.py``).
 
     encode: image in [-1, 1] -> VAE posterior mean * latent_scale -> ids [B, T]  (T = sum of pn^2; 680 for MAR)
     decode: ids -> f_hat (sum of the upsampled per-scale codes) -> VAE decoder -> image
@@ -14,7 +14,11 @@ replays the official path when needed.
 
 model_args mirror the official config keys: ``vae`` (the VAE architecture), ``vae_latent_channels``,
 ``patch_size_list``, ``codebook_size``, ``vq_attn_dim``, ``vq_norm_type``, ``vq_commitment_beta``,
-``decoder_lora_rank``, ``decoder_lora_module_list``, ``latent_scale``, ``latent_shift``, plus ``image_size``.
+``decoder_lora_rank`` (0 = no LoRA), ``decoder_lora_module_list``, ``latent_scale``, ``latent_shift``, plus
+``image_size`` and ``vq_assignment`` ("attention", CODA; "nearest" = multi-scale residual VQ without attention, and
+with a single scale plain VQ: the baselines of the paper's Table 1).
+
+At inference (``tokcli.load``) the LoRA is fused into the conv weights; training keeps it separate.
 """
 
 from __future__ import annotations
@@ -29,21 +33,25 @@ from tokcli.families.base import TokenSpec, Tokenizer
 FAMILY = "coda"
 REQUIRED = ("vae", "vae_latent_channels", "patch_size_list", "codebook_size", "vq_attn_dim", "vq_norm_type",
             "vq_commitment_beta", "decoder_lora_rank", "decoder_lora_module_list", "latent_scale")
-VAE_KEYS = ("embed_dim", "z_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-            "decoder_attn_resolutions", "resolution", "in_channels", "out_ch", "double_z", "dropout",
-            "resamp_with_conv", "use_variational", "norm_num_groups", "norm_eps", "type")
+ASSIGNMENTS = ("attention", "nearest")
 
 
 def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
     """Check and complete CODA model_args (from the registry, a model folder or an official config)."""
+    from tokcli.nn.klvae import VAE_CONFIG_KEYS
+
     missing = [k for k in REQUIRED if k not in args]
     if missing:
         raise TokError(f"CODA model_args lack {', '.join(missing)}")
     out = {k: args[k] for k in REQUIRED}
-    out["vae"] = {k: v for k, v in dict(args["vae"]).items() if k in VAE_KEYS}
+    out["vae"] = {k: v for k, v in dict(args["vae"]).items() if k in VAE_CONFIG_KEYS}
     out["latent_shift"] = float(args.get("latent_shift", 0.0) or 0.0)
     out["patch_size_list"] = [int(p) for p in out["patch_size_list"]]
+    out["decoder_lora_rank"] = int(out["decoder_lora_rank"] or 0)
     out["decoder_lora_module_list"] = list(out["decoder_lora_module_list"])
+    out["vq_assignment"] = str(args.get("vq_assignment", "attention"))
+    if out["vq_assignment"] not in ASSIGNMENTS:
+        raise TokError(f"vq_assignment must be one of {', '.join(ASSIGNMENTS)}, got {out['vq_assignment']!r}")
     factor = 2 ** (len(out["vae"]["ch_mult"]) - 1)
     size = int(args.get("image_size") or out["patch_size_list"][-1] * factor)
     if size != out["patch_size_list"][-1] * factor:
@@ -59,14 +67,22 @@ class Coda(Tokenizer):
     def __init__(self, model_args: dict[str, Any]):
         super().__init__()
         from tokcli.families.coda.vae import CodaMARVAE
-        from tokcli.quant.multiscale import MultiScaleAttentionQuantizer
+        from tokcli.quant.msrq import MultiScaleAttentionQuantizer
 
         self.model_args = normalize_model_args(model_args)
         a = self.model_args
         self.vae = CodaMARVAE(a["vae"], latent_scale=a["latent_scale"], latent_shift=a["latent_shift"])
-        self.vae.add_lora(a["decoder_lora_rank"], a["decoder_lora_module_list"])
+        self.vae.requires_grad_(False)  # the base VAE stays frozen; only the LoRA and the quantizer train
+        if a["decoder_lora_rank"]:
+            self.vae.add_lora(a["decoder_lora_rank"], a["decoder_lora_module_list"])
         self.quantize = MultiScaleAttentionQuantizer.from_config(a)
         self.downsample = 2 ** (len(a["vae"]["ch_mult"]) - 1)
+
+    def prepare_for_inference(self) -> None:
+        """Fuse the LoRA into the conv weights (W' = W + up @ down): inference runs at the base VAE's cost.
+        Called by ``tokcli.load``; the unfused model is what ``tok train`` optimises."""
+        if self.vae.lora_rank:
+            self.vae.merge_lora()
 
     @property
     def spec(self) -> TokenSpec:
@@ -75,7 +91,9 @@ class Coda(Tokenizer):
             kind="indices", shape=(q.num_tokens,), codebook_size=q.codebook_size, downsample=None,
             layout=("scales coarse -> fine, row-major inside a scale; scale l (pn x pn, pn in patch_size_list) "
                     "starts at level_offsets[l]; one shared codebook"),
-            extra={"patch_size_list": list(q.patch_size_list), "level_offsets": list(q.level_offsets)})
+            extra={"patch_size_list": list(q.patch_size_list), "level_offsets": list(q.level_offsets),
+                   "latent_scale": self.model_args["latent_scale"], "latent_shift": self.model_args["latent_shift"],
+                   "posterior": "mean", "assignment": self.model_args["vq_assignment"]})
 
     @property
     def preprocess(self) -> dict[str, Any]:
@@ -112,3 +130,25 @@ class Coda(Tokenizer):
 
 def build(model_args: dict[str, Any]) -> Coda:
     return Coda(model_args)
+
+
+def init_model(model_args: dict[str, Any], base) -> Coda:
+    """A CODA model around a trained KL VAE (``base``: a model folder of the ``kl`` family), for ``tok train``.
+
+    The VAE architecture and its latent scale/shift come from the folder (``model_args`` may leave them out; if
+    given they must agree); the base weights are loaded and frozen; LoRA and quantizer start from their init."""
+    if base.family != "kl":
+        raise TokError(f"CODA adapts a continuous KL VAE: model.init_from must be a 'kl' model folder, "
+                       f"{base.path} is {base.family!r}")
+    b = base.config["model_args"]
+    args = dict(model_args)
+    for key in ("vae", "latent_scale", "latent_shift"):
+        if key in args and args[key] != b.get(key):
+            raise TokError(f"model_args.{key} ({args[key]!r}) contradicts the base VAE {base.path} ({b.get(key)!r})")
+        args[key] = b.get(key, 0.0)
+    args.setdefault("vae_latent_channels", int(b["vae"]["embed_dim"]))
+    model = Coda(args)
+    prefix = "vae.vae."
+    model.vae.load_base_state_dict({k[len(prefix):]: v for k, v in base.state_dict().items()
+                                    if k.startswith(prefix)})
+    return model
