@@ -1,4 +1,4 @@
-"""Parity of tokcli.quant.multiscale (CODA quantizer) with the official-code fixture in <parity>/coda."""
+"""Parity of tokcli.quant.msrq (CODA quantizer) with the official-code fixture in <parity>/coda."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CODA_PARITY, requires_coda_parity
-from tokcli.quant.multiscale import MultiScaleAttentionQuantizer
+from tokcli.quant.msrq import MultiScaleAttentionQuantizer
 
 FIX = CODA_PARITY
 pytestmark = requires_coda_parity

@@ -138,7 +138,7 @@ def test_base_vae_and_lora_is_applied(base_vae, outputs, x, coda_expected):
 
 
 def test_end_to_end_ids(outputs, coda_expected, coda_config):
-    from tokcli.quant.multiscale import MultiScaleAttentionQuantizer
+    from tokcli.quant.msrq import MultiScaleAttentionQuantizer
 
     q = MultiScaleAttentionQuantizer.from_config(coda_config)
     q.load_state_dict(torch.load(FIX / "quantizer_ema.pth", map_location="cpu", weights_only=True), strict=True)
