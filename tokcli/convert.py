@@ -1,7 +1,9 @@
 """Converting official checkpoints into tok model folders (the library side of `tok convert`).
 
 Each family's converter does the tensor mapping; this module decides where the checkpoint comes from (a file, or
-the Hub / Hugging Face cache for a registry name) and where the folder goes.
+the Hub / Hugging Face cache for a registry name) and where the folder goes. A release may span several Hub files
+(``ModelEntry.extra_hub_files``, e.g. CODA's VAE + quantizer + base VAE in two repos): `tok convert NAME` fetches them
+all and hands the family converter their paths as ``files`` (role -> path).
 """
 
 from __future__ import annotations
@@ -15,26 +17,51 @@ from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 from tokcli.families import get_family
 
 
-def fetch_official(entry) -> Path:
-    """Path of a registry entry's official checkpoint: from the HF cache, or downloaded when online."""
+def fetch_release(entry) -> dict[str, Path]:
+    """Every file of a registry entry's official release (:meth:`ModelEntry.release_files`), from the Hugging Face
+    cache or downloaded when online (``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` read through ``hf_env()``). Returns
+    role -> local path (``checkpoint`` is the main file). All files are tried before failing, so that one
+    :class:`MissingWeightsError` line names every missing file, its repo, and the ``hf download`` commands."""
     from huggingface_hub import hf_hub_download
 
     from tokcli.core.registry import hf_env
 
     cache, offline = hf_env()
-    try:
-        return Path(hf_hub_download(entry.hub_repo, entry.hub_filename, revision=entry.hub_revision,
-                                    cache_dir=cache, local_files_only=offline))
-    except Exception as e:  # noqa: BLE001 - offline / missing / network: one actionable line
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = ("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache" if offline
-               else f"it could not be downloaded ({type(e).__name__})")
-        rev = f" --revision {entry.hub_revision}" if entry.hub_revision else ""
-        raise MissingWeightsError(
-            f"{entry.name} needs {entry.hub_repo}:{entry.hub_filename}, but {why}; get it with "
-            f"`hf download {entry.hub_repo} {entry.hub_filename}{rev}` (fills "
-            f"{os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}) or convert a local copy with "
-            f"`tok convert PATH/WeTok.ckpt --as {entry.name}`") from None
+    found: dict[str, Path] = {}
+    missing = []
+    for f in entry.release_files():
+        try:
+            found[f.role] = Path(hf_hub_download(f.repo, f.filename, revision=f.revision, cache_dir=cache,
+                                                 local_files_only=offline))
+        except Exception as e:  # noqa: BLE001 - offline / missing / gated / network: reported together below
+            missing.append((f, type(e).__name__))
+    if missing:
+        raise MissingWeightsError(_missing_release_message(entry, missing, offline))
+    return found
+
+
+def _missing_release_message(entry, missing: list, offline: bool) -> str:
+    """One line: which files are missing (repo:filename), why, the `hf download` commands, the local alternative."""
+    n = len(missing)
+    if offline:
+        why = f"HF_HUB_OFFLINE is set and {'it is' if n == 1 else 'they are'} not in the Hugging Face cache"
+    else:
+        why = f"{'it' if n == 1 else 'they'} could not be downloaded (" + \
+            ", ".join(sorted({err for _, err in missing})) + ")"
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    for f, _ in missing:
+        groups.setdefault((f.repo, f.revision), []).append(f.filename)
+    cmds = " and ".join(f"`hf download {repo} {' '.join(names)}{' --revision ' + rev if rev else ''}`"
+                        for (repo, rev), names in groups.items())
+    what = missing[0][0].spec if n == 1 else f"{n} files: " + ", ".join(f.spec for f, _ in missing)
+    where = os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
+    return (f"{entry.name} needs {what}, but {why}; get {'it' if n == 1 else 'them'} with {cmds} (fills {where}) "
+            f"or convert local copies with {entry.local_convert_hint()}")
+
+
+def fetch_official(entry) -> Path:
+    """Path of a registry entry's official checkpoint (its main file); see :func:`fetch_release`."""
+    return fetch_release(entry)["checkpoint"]
 
 
 def convert(source: str, *, output: str | None = None, family: str | None = None, config: str | None = None,
@@ -42,6 +69,7 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
     src = Path(source).expanduser()
     model_args = None
     prov: dict = {}
+    extra_files: dict[str, Path] = {}
     if src.is_dir():
         raise TokUsageError(f"{source} is a folder; tok convert takes an official checkpoint file or a registry name")
     if src.is_file():
@@ -76,11 +104,20 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
         model_args = dict(entry.model_args)
         name = name or entry.name
         dest = Path(output) if output else converted_dir(entry.name)
-        ckpt = fetch_official(entry)
+        if dest.exists() and not overwrite:  # before any download
+            raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
+        fetched = fetch_release(entry)
+        ckpt = fetched.pop("checkpoint")
+        extra_files = fetched
         prov.update(source=f"hf-hub:{entry.hub_repo}/{entry.hub_filename}" +
                     (f"@{entry.hub_revision}" if entry.hub_revision else ""), registry_name=entry.name,
                     license=entry.license, paper=entry.paper)
+        if extra_files:
+            prov["hub_files"] = {f.role: f"hf-hub:{f.repo}/{f.filename}" + (f"@{f.revision}" if f.revision else "")
+                                 for f in entry.release_files()[1:]}
     if dest.exists() and not overwrite:
         raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
-    fam = get_family(family)
-    return fam.convert(ckpt, config, dest, name=name, model_args=model_args, provenance=prov, overwrite=overwrite)
+    converter = get_family(family).convert_checkpoint
+    # only families whose releases span several files take `files` (role -> path); WeTok's converter does not
+    kw = {"files": extra_files} if extra_files else {}
+    return converter(ckpt, config, dest, name=name, model_args=model_args, provenance=prov, overwrite=overwrite, **kw)

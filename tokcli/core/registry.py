@@ -6,7 +6,7 @@ A name resolves, in this order, to a model folder (core/checkpoint.py):
 2. ``hf-hub:org/repo[@revision]``                          -> snapshot via huggingface_hub (HF_HUB_OFFLINE honoured)
 3. a registry name (``wetok-tiny``, ``wetok-16x``, ...)     -> shipped ``weights/<name>``, else the tok cache
    (``$TOK_CACHE``, default ``~/.cache/tok``) ``models/<name>``; released models that are not converted yet
-   raise an error that names the official file and the ``tok convert`` command that makes the folder.
+   raise an error that names the official file(s) and the ``tok convert`` command that makes the folder.
 
 A bare name containing ``/`` or ``:`` that is not an existing path is refused with a hint to add a prefix, so a Hub
 id can never silently match a registry name. Extra entries can be registered in code (``register``) or listed in
@@ -19,7 +19,7 @@ import difflib
 import fnmatch
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,30 @@ from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 
 DEFAULT_MODEL = "wetok-tiny"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of an official release on the Hugging Face Hub.
+
+    ``role`` tells the family's converter what the file is (``checkpoint`` for the main file; e.g. ``quantizer``,
+    ``base_vae``, ``base_vae_config`` for the others); ``local`` is where the file goes, relative to the folder of
+    the main checkpoint, when a user lays out downloaded copies for ``tok convert FILE --as NAME``."""
+
+    repo: str
+    filename: str
+    revision: str | None = None
+    role: str = "checkpoint"
+    local: str | None = None
+
+    @property
+    def spec(self) -> str:
+        """``repo:filename[@revision]``, the form error messages use."""
+        return f"{self.repo}:{self.filename}" + (f"@{self.revision}" if self.revision else "")
+
+    @property
+    def local_name(self) -> str:
+        return self.local or self.filename.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,10 @@ class ModelEntry:
     hub_repo: str | None = None
     hub_filename: str | None = None
     hub_revision: str | None = None
+    # Further files the conversion needs (a release spread over several files or repos): one object per file with
+    # the keys of HubFile (repo, filename, and optionally revision, role, local). JSON-friendly, as TOK_REGISTRY
+    # files give them.
+    extra_hub_files: tuple[dict[str, Any], ...] = ()
     license: str = "unknown"
     paper: str = ""
     paper_metrics: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +77,36 @@ class ModelEntry:
     shipped: bool = False  # a folder under weights/ in this repository
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["extra_hub_files"] = [dict(f) for f in self.extra_hub_files]
+        return d
+
+    def release_files(self) -> list[HubFile]:
+        """Every Hub file `tok convert NAME` needs: the main checkpoint first, then ``extra_hub_files``."""
+        if not self.hub_repo or not self.hub_filename:
+            return []
+        out = [HubFile(self.hub_repo, self.hub_filename, self.hub_revision)]
+        for d in self.extra_hub_files:
+            try:
+                f = HubFile(**d)
+            except TypeError as e:
+                raise TokError(f"registry entry {self.name}: bad extra_hub_files item {d!r} ({e})") from None
+            out.append(f if "role" in d else replace(f, role=f.filename))
+        roles = [f.role for f in out]
+        if len(set(roles)) != len(roles):
+            raise TokError(f"registry entry {self.name}: two release files share a role ({roles})")
+        return out
+
+    def local_convert_hint(self) -> str:
+        """How to convert downloaded copies of the release instead (``tok convert FILE --as NAME``)."""
+        files = self.release_files()
+        if not files:
+            return ""
+        main = files[0].local_name
+        if len(files) == 1:
+            return f"`tok convert PATH/{main} --as {self.name}`"
+        layout = ", ".join(f"FOLDER/{f.local_name}" for f in files)
+        return f"`tok convert FOLDER/{main} --as {self.name}` with the files laid out as {layout}"
 
 
 _ENTRIES: dict[str, ModelEntry] = {}
@@ -188,10 +245,13 @@ def resolve(name_or_path: str | os.PathLike | None = None) -> ModelFolder:
     if folder is not None:
         return read_model_folder(folder)
     if entry.hub_repo:
+        files = entry.release_files()
+        what = (f"the official checkpoint {files[0].spec}" if len(files) == 1 else
+                f"the official files {', '.join(f.spec for f in files)}")
         raise MissingWeightsError(
-            f"model {name} is not converted on this machine: run `tok convert {name}` (it needs the official "
-            f"checkpoint {entry.hub_repo}:{entry.hub_filename}, from the Hub or the Hugging Face cache) "
-            f"to create {converted_dir(name)}")
+            f"model {name} is not converted on this machine: run `tok convert {name}` (it needs {what}, from the "
+            f"Hub or the Hugging Face cache) to create {converted_dir(name)}, or convert local copies with "
+            f"{entry.local_convert_hint()}")
     how = f"; {entry.notes}" if entry.notes and not entry.shipped else ""
     raise MissingWeightsError(f"model {name} has no weights on this machine (looked in "
                               f"{', '.join(str(d / name) for d in weights_dirs())} and {converted_dir(name)}){how}")

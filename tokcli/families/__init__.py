@@ -1,5 +1,6 @@
 """Family lookup: a family is a module exposing ``FAMILY``, ``build(model_args) -> Tokenizer`` and
-``convert(...)`` (official checkpoint -> model folder). Families never import each other."""
+``convert_checkpoint(...)`` (official checkpoint -> model folder; not named ``convert``, which the ``convert``
+submodule would shadow once imported). Families never import each other."""
 
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ but never applies them inside ``encode``/``decode``; here they are applied, alwa
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -243,3 +246,36 @@ def vae_block_from_diffusers_config(cfg: Mapping[str, Any]) -> tuple[dict, float
         "use_post_quant_conv": bool(cfg.get("use_post_quant_conv", True)),
     }
     return block, float(cfg.get("scaling_factor") or 1.0), float(cfg.get("shift_factor") or 0.0)
+
+
+# ------------------------------------------------------------------- diffusers folders (vae/ of a pipeline repo)
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+
+
+def find_diffusers_vae(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(config.json, weights) of a diffusers AutoencoderKL folder (or of its weights file)."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if (folder / "vae" / "config.json").is_file() and not (folder / "config.json").is_file():
+        folder = folder / "vae"
+    cfg = folder / "config.json"
+    weights = p if p.is_file() else next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+    if not cfg.is_file() or weights is None:
+        raise TokError(f"{p} is not a diffusers AutoencoderKL folder: it needs config.json and "
+                       f"{WEIGHT_NAMES[0]}")
+    return cfg, weights
+
+
+def load_diffusers_vae(path: str | os.PathLike):
+    """(vae block, latent_scale, latent_shift, state dict in float32, config path, weights path)."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg_path, weights = find_diffusers_vae(path)
+    try:
+        dcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokError(f"cannot read {cfg_path} ({e})") from None
+    block, scale, shift = vae_block_from_diffusers_config(dcfg)
+    sd = {k: v.to(torch.float32) for k, v in load_file(str(weights), device="cpu").items()}
+    return block, scale, shift, sd, cfg_path, weights

@@ -225,6 +225,8 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
+    if not last and is_main:  # resumed at max_steps: nothing ran, the log has the last step's losses
+        last = _last_logged_losses(run_dir / "metrics.jsonl", step)
 
     # ---- export -------------------------------------------------------------------------------------------
     model_dir = run_dir / "model"
@@ -466,6 +468,14 @@ def _append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _last_logged_losses(path: Path, step: int) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = [r for r in rows if r.get("step") == step]
+    return {k: float(v) for k, v in rows[-1].items() if k not in ("step", "lr", "images_per_s")} if rows else {}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,6 +1,23 @@
-"""CODA-MAR continuous VAE: the MAR KL-16 VAE (frozen) with CODA's conv LoRA adapters.
+"""CODA continuous VAEs: a frozen KL-VAE (MAR KL-16 or FLUX.1) with CODA's conv LoRA adapters.
 
-Shape of the implementation (as planned in DESIGN.md):
+Two official checkpoint formats, chosen by the ``type`` of the config's ``vae`` block (:func:`checkpoint_format`):
+
+- ``"ldm"`` (``type`` ``"MARAutoencoderKL"`` or absent): coda-mar. Flat LDM/MAR key names, mapped to diffusers by
+  :func:`ldm_to_diffusers_key`; the LoRA rule is applied to the LDM module names. Details below.
+- ``"diffusers"`` (``type`` ``"AutoencoderKL"``): coda-flux. The official code loads the FLUX.1 VAE with diffusers'
+  ``AutoencoderKL.from_pretrained`` and wraps it in place, so every key is already a diffusers key: base tensors
+  unchanged (a wrapped conv keeps ``<conv>.weight``/``.bias``), LoRA tensors ``<conv>.lora_layer.{down,up}.weight``.
+  The LoRA rule (substring of ``decoder_lora_module_list``, FLUX ``["conv1", "conv2"]``) is applied to the diffusers
+  module names of every ``nn.Conv2d``: 48 res-block convs, encoder and decoder; the samplers, ``conv_shortcut``,
+  ``conv_in``/``conv_out`` are not wrapped. The base VAE is a diffusers ``vae/`` folder (``config.json`` +
+  ``diffusion_pytorch_model.safetensors``, 16-bit: read as float32); its ``config.json`` gives the ``vae`` block
+  (:func:`tokcli.nn.klvae.vae_block_from_diffusers_config`) when the CODA config has none. Latent:
+  ``(z - 0.1159) * 0.3611``.
+
+Base VAE files are read by their key names, whatever the format: a flat LDM file is mapped, a diffusers folder or
+file is taken as is (:func:`read_base_vae`).
+
+The ldm format in detail (coda-mar):
 
 - The VAE is a diffusers :class:`~diffusers.AutoencoderKL`. Its architecture is built from the ``vae`` block of
   the CODA ``config.json`` (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
@@ -37,15 +54,16 @@ Shape of the implementation (as planned in DESIGN.md):
 
 Latent convention (official ``train_mar.py``): ``latent = posterior * latent_scale`` (0.2325, no shift; a
 ``latent_shift`` from the config is honoured as ``(z - shift) * scale``) and ``decode`` divides by the scale
-first. The official code uses ``posterior.sample()`` even at evaluation; :meth:`CodaMARVAE.encode` uses the
+first. The official code uses ``posterior.sample()`` even at evaluation; :meth:`CodaVAE.encode` uses the
 posterior **mean** (deterministic; this is what the parity fixture's main outputs use), and
-:meth:`CodaMARVAE.encode_sampled` replays the official sampling path, with injectable ``noise``.
+:meth:`CodaVAE.encode_sampled` replays the official sampling path, with injectable ``noise``.
 
-Checkpoint files (``from_official``): the base VAE in flat LDM naming (``kl16.safetensors``, or the fixture's
-``base_vae.safetensors``), then the LoRA-injected VAE state dict ``vae_ema.pth`` (base + LoRA tensors, loaded
-strictly, as the official code does after ``build_peft_from_vae``). The raw ``vae.pth`` has exactly the same keys
-and base tensors (only the LoRA tensors differ: EMA vs. raw), so the file NAME is the only way to tell them
-apart: a file whose name does not contain ``ema`` is refused unless ``allow_non_ema=True``.
+Checkpoint files (``from_official``, both formats): the base VAE (``kl16.safetensors`` or the fixture's
+``base_vae.safetensors`` in flat LDM naming; the FLUX ``vae/`` folder), then the LoRA-injected VAE state dict
+``vae_ema.pth`` (base + LoRA tensors, loaded strictly, as the official code does after ``build_peft_from_vae``).
+The raw ``vae.pth`` has exactly the same keys and base tensors (only the LoRA tensors differ: EMA vs. raw), so the
+file NAME is the only way to tell them apart: a file whose name does not contain ``ema`` is refused unless
+``allow_non_ema=True``.
 """
 
 from __future__ import annotations
@@ -60,10 +78,16 @@ import torch
 import torch.nn as nn
 
 from tokcli.errors import TokError
+from tokcli.nn.klvae import ADAPTER, KLVAE, diffusers_vae_kwargs, vae_block_from_diffusers_config
 
 __all__ = [
+    "CodaVAE",
     "CodaMARVAE",
-    "diffusers_vae_kwargs",
+    "checkpoint_format",
+    "key_naming",
+    "convert_diffusers_official_state_dict",
+    "read_base_vae",
+    "complete_vae_config",
     "ldm_to_diffusers_key",
     "ldm_to_diffusers_module",
     "diffusers_to_ldm_module",
@@ -71,7 +95,6 @@ __all__ = [
     "load_official_vae_file",
 ]
 
-ADAPTER = "default"
 _ATTN_LDM_TO_DIFF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_DIFF_TO_LDM = {v: k for k, v in _ATTN_LDM_TO_DIFF.items()}
 _RES_LDM_TO_DIFF = {"nin_shortcut": "conv_shortcut"}
@@ -91,42 +114,6 @@ def _load_config(config: Mapping[str, Any] | str | os.PathLike) -> dict:
         return json.loads(p.read_text())
     except FileNotFoundError:
         raise TokError(f"CODA config not found: {p}") from None
-
-
-def diffusers_vae_kwargs(vae_cfg: Mapping[str, Any], latent_scale: float = 0.2325) -> dict:
-    """``AutoencoderKL`` constructor kwargs for an official LDM/MAR ``Encoder``/``Decoder`` config (the ``vae``
-    block of the CODA config.json). Raises :class:`TokError` for settings diffusers cannot express."""
-    ch, ch_mult = int(vae_cfg["ch"]), [int(m) for m in vae_cfg["ch_mult"]]
-    res = int(vae_cfg["resolution"])
-    z, embed = int(vae_cfg.get("z_channels", vae_cfg["embed_dim"])), int(vae_cfg["embed_dim"])
-    enc_attn = {int(r) for r in vae_cfg.get("attn_resolutions", [])}
-    dec_attn = {int(r) for r in vae_cfg.get("decoder_attn_resolutions", [])}
-    problems = []
-    if z != embed:
-        problems.append(f"z_channels ({z}) != embed_dim ({embed})")
-    if not vae_cfg.get("double_z", True) or not vae_cfg.get("use_variational", True):
-        problems.append("double_z/use_variational must be true (KL VAE)")
-    if float(vae_cfg.get("norm_eps", 1e-6)) != 1e-6:
-        problems.append("norm_eps must be 1e-6")
-    if float(vae_cfg.get("dropout", 0.0)) != 0.0:
-        problems.append("dropout must be 0")
-    if not vae_cfg.get("resamp_with_conv", True):
-        problems.append("resamp_with_conv must be true")
-    if problems:
-        raise TokError("unsupported CODA VAE config: " + "; ".join(problems))
-    levels = range(len(ch_mult))
-    down = tuple("AttnDownEncoderBlock2D" if res // 2 ** i in enc_attn else "DownEncoderBlock2D" for i in levels)
-    # diffusers up_blocks run from the lowest resolution (LDM level L-1) to the highest (level 0)
-    up = tuple("AttnUpDecoderBlock2D" if res // 2 ** i in dec_attn else "UpDecoderBlock2D"
-               for i in reversed(levels))
-    return dict(
-        in_channels=int(vae_cfg.get("in_channels", 3)), out_channels=int(vae_cfg.get("out_ch", 3)),
-        down_block_types=down, up_block_types=up, block_out_channels=tuple(ch * m for m in ch_mult),
-        layers_per_block=int(vae_cfg["num_res_blocks"]), act_fn="silu", latent_channels=z,
-        norm_num_groups=int(vae_cfg.get("norm_num_groups", 32)), sample_size=res,
-        scaling_factor=float(latent_scale), use_quant_conv=True, use_post_quant_conv=True,
-        mid_block_add_attention=True,
-    )
 
 
 # ------------------------------------------------------------------------------------------ key mapping
@@ -203,7 +190,8 @@ def ldm_to_diffusers_key(key: str, num_levels: int, lora_modules: frozenset[str]
         m = re.fullmatch(r"(down|up)\.weight", rest)
         if not m:
             raise TokError(f"unexpected LoRA key in the CODA VAE checkpoint: {key!r}")
-        return f"{ldm_to_diffusers_module(conv, num_levels)}.{'lora_A' if m[1] == 'down' else 'lora_B'}.{ADAPTER}.weight"
+        lora = "lora_A" if m[1] == "down" else "lora_B"
+        return f"{ldm_to_diffusers_module(conv, num_levels)}.{lora}.{ADAPTER}.weight"
     mod, param = key.rsplit(".", 1)
     new = ldm_to_diffusers_module(mod, num_levels)
     if mod in lora_modules:
@@ -243,71 +231,234 @@ def load_official_vae_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
+# ------------------------------------------------------------------------------ formats and diffusers keys
+
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_CONV_LORA_PARAMS = {"down.weight": "lora_A", "up.weight": "lora_B"}
+
+
+def checkpoint_format(vae_cfg: Mapping[str, Any]) -> str:
+    """The official checkpoint format of a ``vae`` block: ``"ldm"`` (MAR, ``type`` ``MARAutoencoderKL`` or none --
+    tok's own KL VAEs too) or ``"diffusers"`` (FLUX, ``type`` ``AutoencoderKL``). It decides the key names of the
+    official files and the module names the official LoRA rule is matched against."""
+    t = vae_cfg.get("type")
+    if t in (None, "", "MARAutoencoderKL"):
+        return "ldm"
+    if t == "AutoencoderKL":
+        return "diffusers"
+    raise TokError(f"unknown CODA VAE type {t!r} in the config's 'vae' block (expected 'MARAutoencoderKL' for the "
+                   f"MAR/LDM checkpoint format or 'AutoencoderKL' for the diffusers format of coda-flux)")
+
+
+def key_naming(keys) -> str | None:
+    """``"ldm"`` or ``"diffusers"`` from the key names of a VAE state dict; None when the keys do not tell."""
+    keys = list(keys)
+    if any(re.match(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.", k) for k in keys):
+        return "diffusers"
+    if any(re.match(r"(encoder\.down|decoder\.up)\.\d+\.|(encoder|decoder)\.mid\.", k) for k in keys):
+        return "ldm"
+    return None
+
+
+def _modern_attention_key(key: str) -> str:
+    """Old diffusers attention names (``query/key/value/proj_attn``) -> ``to_q/to_k/to_v/to_out.0``."""
+    m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", key)
+    return f"{m[1]}.{_LEGACY_ATTN[m[2]]}.{m[3]}" if m else key
+
+
+def convert_diffusers_official_state_dict(sd: Mapping[str, torch.Tensor],
+                                          lora_modules: frozenset[str] | set[str] = frozenset()
+                                          ) -> dict[str, torch.Tensor]:
+    """Official diffusers-named (coda-flux) state dict -> the peft-injected diffusers state dict.
+
+    Base keys stay as they are, except that the ``weight``/``bias`` of a wrapped conv (``lora_modules``, diffusers
+    paths) move under ``.base_layer``; ``<conv>.lora_layer.{down,up}.weight`` -> ``<conv>.lora_{A,B}.default.weight``.
+    1x1-conv attention weights [C, C, 1, 1] are flattened to the Linear [C, C] diffusers uses."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if ".lora_layer." in key:
+            conv, rest = key.split(".lora_layer.", 1)
+            if rest not in _CONV_LORA_PARAMS:
+                raise TokError(f"unexpected LoRA key in the CODA VAE checkpoint: {key!r}")
+            new = f"{conv}.{_CONV_LORA_PARAMS[rest]}.{ADAPTER}.weight"
+        else:
+            key = _modern_attention_key(key)
+            mod, param = key.rsplit(".", 1)
+            new = f"{mod}.base_layer.{param}" if mod in lora_modules else key
+            if re.search(r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", new) and t.ndim == 4:
+                t = t.reshape(t.shape[0], t.shape[1])
+        if new in out:
+            raise TokError(f"two checkpoint keys map to {new!r} (second: {key!r})")
+        out[new] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------- base VAE
+
+
+def _is_diffusers_vae_config(path: Path) -> bool:
+    """A diffusers ``AutoencoderKL`` config.json (not, e.g., a CODA config.json lying in the same folder)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _diffusers_folder(path: Path) -> Path | None:
+    """The diffusers ``AutoencoderKL`` folder ``path`` names (the folder itself, its ``vae/`` subfolder, or the
+    folder of a ``diffusion_pytorch_model*.safetensors`` file), or None when it is not one."""
+    if path.is_dir():
+        for d in (path, path / "vae"):
+            if _is_diffusers_vae_config(d / "config.json"):
+                return d
+        return None
+    if path.is_file() and path.name.startswith("diffusion_pytorch_model") and \
+            _is_diffusers_vae_config(path.parent / "config.json"):
+        return path.parent
+    return None
+
+
+def diffusers_base_config(path: str | os.PathLike) -> tuple[dict, float, float, Path] | None:
+    """(``vae`` block, scaling_factor, shift_factor, config path) of a diffusers VAE folder; None for a flat file."""
+    folder = _diffusers_folder(Path(path))
+    if folder is None:
+        return None
+    cfg_path = folder / "config.json"
+    try:
+        dcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokError(f"cannot read the diffusers VAE config {cfg_path} ({e})") from None
+    block, scale, shift = vae_block_from_diffusers_config(dcfg)
+    return block, scale, shift, cfg_path
+
+
+def read_base_vae(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """The base VAE's tensors (float32, official key names: flat LDM or diffusers) and the weight file read.
+
+    ``path`` is a diffusers folder (``vae/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, 16-bit
+    weights are converted to float32), a weight file inside one, or a flat file (``kl16.safetensors``)."""
+    p = Path(path)
+    folder = _diffusers_folder(p)
+    if folder is not None:
+        from tokcli.nn.klvae import load_diffusers_vae
+
+        _, _, _, sd, _, weights = load_diffusers_vae(p if p.is_file() else folder)
+        return sd, weights
+    if p.is_dir():
+        raise TokError(f"{p} is a folder but not a diffusers VAE folder (config.json + "
+                       f"diffusion_pytorch_model.safetensors)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_official_vae_file(p).items()}, p
+
+
+def _architecture(vae_cfg: Mapping[str, Any]) -> dict:
+    kw = diffusers_vae_kwargs(vae_cfg)
+    return {k: v for k, v in kw.items() if k not in ("sample_size", "scaling_factor", "shift_factor")}
+
+
+def complete_vae_config(cfg: Mapping[str, Any], base_path: str | os.PathLike | None) -> dict:
+    """The CODA config with its ``vae`` block, ``latent_scale`` and ``latent_shift`` settled against the base VAE.
+
+    A diffusers base folder supplies what the config leaves out (the official FLUX config has no ``vae`` block: the
+    official code reads the FLUX ``vae/config.json``; the FLUX scale/shift equal its ``scaling_factor`` /
+    ``shift_factor``); when the config has a block, it must describe the same architecture, else :class:`TokError`.
+    Without a diffusers base the MAR defaults apply (scale 0.2325, no shift)."""
+    out = dict(cfg)
+    found = diffusers_base_config(base_path) if base_path is not None else None
+    if found is None:
+        if "vae" not in out:
+            raise TokError("CODA config has no 'vae' block (the VAE architecture sizes); for the diffusers format "
+                           "(coda-flux) give the base VAE as a diffusers vae/ folder, whose config.json has them")
+        if out.get("latent_scale") is None:
+            out["latent_scale"] = 0.2325
+        if out.get("latent_shift") is None:
+            out["latent_shift"] = 0.0
+        return out
+    block, scale, shift, cfg_path = found
+    if "vae" not in out:
+        out["vae"] = block
+    elif _architecture(out["vae"]) != _architecture(block):
+        a, b = _architecture(out["vae"]), _architecture(block)
+        diff = [f"{k}: config {a.get(k)!r} vs base {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
+        raise TokError(f"the base VAE {cfg_path.parent} does not match the config's 'vae' block "
+                       f"({'; '.join(diff[:3])})")
+    if out.get("latent_scale") is None:
+        out["latent_scale"] = scale
+    if out.get("latent_shift") is None:
+        out["latent_shift"] = shift
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
-class CodaMARVAE(nn.Module):
-    """MAR KL-VAE (diffusers ``AutoencoderKL``) with optional CODA conv LoRA (peft).
+class CodaVAE(KLVAE):
+    """The CODA VAE: :class:`~tokcli.nn.klvae.KLVAE` (diffusers ``AutoencoderKL``) with CODA's conv LoRA placed by
+    the official rule, and the loaders for the official checkpoint files in both formats (see the module docstring).
 
-    ``vae_cfg`` is the ``vae`` block of the CODA config.json. Use :meth:`from_official` to build and load the
-    official files; :meth:`add_lora` injects the (zero-initialised) adapters on the official target convs.
+    ``vae_cfg`` is the ``vae`` block of the CODA config; its ``type`` picks the format (:func:`checkpoint_format`).
+    Use :meth:`from_official` to build and load the official files; :meth:`add_lora` injects the adapters on the
+    official target convs. ``lora_modules`` holds their official module names (LDM paths for coda-mar, diffusers
+    paths for coda-flux); ``lora_targets`` (from KLVAE) the diffusers paths.
     """
 
     def __init__(self, vae_cfg: Mapping[str, Any], *, latent_scale: float = 0.2325, latent_shift: float = 0.0):
-        super().__init__()
-        from diffusers import AutoencoderKL
+        fmt = checkpoint_format(vae_cfg)
+        super().__init__(vae_cfg, latent_scale=latent_scale, latent_shift=latent_shift)
+        self.checkpoint_format = fmt
+        self.lora_modules: frozenset[str] = frozenset()  # official module names of the wrapped convs
 
-        self.vae_cfg = dict(vae_cfg)
-        self.num_levels = len(self.vae_cfg["ch_mult"])
-        self.latent_scale = float(latent_scale)
-        self.latent_shift = float(latent_shift)
-        self.vae = AutoencoderKL(**diffusers_vae_kwargs(self.vae_cfg, latent_scale))
-        self.lora_rank: int | None = None
-        self.lora_modules: frozenset[str] = frozenset()  # LDM paths of the wrapped convs
+    # ---- official names
+
+    def official_module(self, diffusers_path: str) -> str:
+        """The official checkpoint's name for a diffusers module path."""
+        if self.checkpoint_format == "diffusers":
+            return diffusers_path
+        return diffusers_to_ldm_module(diffusers_path, self.num_levels)
+
+    def diffusers_module(self, official_path: str) -> str:
+        """The diffusers module path for an official module name (inverse of :meth:`official_module`)."""
+        if self.checkpoint_format == "diffusers":
+            return official_path
+        return ldm_to_diffusers_module(official_path, self.num_levels)
 
     # ---- LoRA
 
     def lora_target_modules(self, module_list: Sequence[str]) -> list[str]:
-        """LDM paths of the convs the official ``build_peft_from_vae`` wraps: every ``nn.Conv2d`` whose LDM
-        module name contains one of ``module_list``."""
+        """Official names of the convs the official builder wraps: every ``nn.Conv2d`` whose official module name
+        (LDM for coda-mar, diffusers for coda-flux) contains one of ``module_list``."""
         out = []
         for name, mod in self.vae.named_modules():
-            if type(mod) is nn.Conv2d:
-                ldm = diffusers_to_ldm_module(name, self.num_levels)
-                if any(s in ldm for s in module_list):
-                    out.append(ldm)
+            if type(mod) is nn.Conv2d and ".lora_" not in name and not name.endswith(".base_layer"):
+                official = self.official_module(name)
+                if any(s in official for s in module_list):
+                    out.append(official)
         return out
 
     def add_lora(self, rank: int, module_list: Sequence[str]) -> list[str]:
-        """Inject peft LoRA (``r=rank``, ``lora_alpha=rank`` -> scale 1, no bias/dropout; B zero-initialised) on
-        the official targets. Returns the LDM paths of the wrapped convs."""
-        from peft import LoraConfig, inject_adapter_in_model
-
-        if self.lora_rank is not None:
-            raise TokError("LoRA adapters are already injected")
+        """Inject peft LoRA (scale 1, B zero-initialised) on the official targets. Returns their official names."""
         targets = self.lora_target_modules(module_list)
         if not targets:
             raise TokError(f"no conv matches the LoRA module list {list(module_list)}")
-        cfg = LoraConfig(r=int(rank), lora_alpha=int(rank), lora_dropout=0.0, bias="none",
-                         target_modules=[ldm_to_diffusers_module(t, self.num_levels) for t in targets])
-        inject_adapter_in_model(cfg, self.vae, adapter_name=ADAPTER)
-        self.lora_rank, self.lora_modules = int(rank), frozenset(targets)
+        self.inject_lora(rank, [self.diffusers_module(t) for t in targets])
+        self.lora_modules = frozenset(targets)
         return targets
-
-    def merge_lora(self) -> None:
-        """Fuse the LoRA into the base conv weights (W' = W + up @ down); faster, equal up to float rounding."""
-        from peft.tuners.lora import LoraLayer
-
-        for mod in self.vae.modules():
-            if isinstance(mod, LoraLayer) and not mod.merged:
-                mod.merge(adapter_names=[ADAPTER])
 
     # ---- loading
 
+    def convert_official_state_dict(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official tensors (LDM or diffusers names, detected from the keys; the model's format when they do not
+        tell) -> this model's (peft-injected diffusers) state-dict keys."""
+        naming = key_naming(sd) or self.checkpoint_format
+        if naming == "ldm":
+            ldm_lora = {diffusers_to_ldm_module(t, self.num_levels) for t in self.lora_targets}
+            return convert_official_vae_state_dict(sd, self.num_levels, ldm_lora)
+        return convert_diffusers_official_state_dict(sd, set(self.lora_targets))
+
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor], *, strict: bool = True):
-        """Load an official (LDM-named, optionally LoRA-injected) state dict. With ``strict`` every model tensor
-        must be covered and no checkpoint tensor left over; a mismatch raises :class:`TokError` naming keys."""
-        conv = convert_official_vae_state_dict(sd, self.num_levels, self.lora_modules)
+        """Load an official (optionally LoRA-injected) state dict. With ``strict`` every model tensor must be covered
+        and no checkpoint tensor left over; a mismatch raises :class:`TokError` naming keys."""
+        conv = self.convert_official_state_dict(sd)
         mine = self.vae.state_dict()
         bad = [f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(mine[k].shape)}"
                for k, t in conv.items() if k in mine and mine[k].shape != t.shape]
@@ -323,32 +474,36 @@ class CodaMARVAE(nn.Module):
 
     @classmethod
     def from_official(cls, config: Mapping[str, Any] | str | os.PathLike, vae_path: str | os.PathLike | None,
-                      base_path: str | os.PathLike | None = None, *, allow_non_ema: bool = False) -> "CodaMARVAE":
+                      base_path: str | os.PathLike | None = None, *, allow_non_ema: bool = False) -> "CodaVAE":
         """Build from the CODA config (dict, config.json, or its folder) and load the official files, as the
-        official code does: ``base_path`` (flat LDM names, e.g. ``kl16.safetensors``) strictly into the plain VAE,
-        then LoRA injection (``decoder_lora_rank``, ``decoder_lora_module_list``), then ``vae_path``
-        (``vae_ema.pth``, base + LoRA tensors) strictly. ``vae_path=None`` gives the base VAE without LoRA
-        (``base_path`` required). A ``vae_path`` whose name lacks ``ema`` (the raw ``vae.pth``) is refused
-        unless ``allow_non_ema``."""
-        cfg = _load_config(config)
-        if "vae" not in cfg:
-            raise TokError("CODA config has no 'vae' block (the VAE architecture sizes)")
-        model = cls(cfg["vae"], latent_scale=cfg.get("latent_scale", 0.2325),
-                    latent_shift=cfg.get("latent_shift", 0.0) or 0.0)
+        official code does: the base VAE ``base_path`` (flat LDM ``kl16.safetensors``, or a diffusers ``vae/``
+        folder) strictly into the plain VAE, then LoRA injection (``decoder_lora_rank``,
+        ``decoder_lora_module_list``), then ``vae_path`` (``vae_ema.pth``, base + LoRA tensors) strictly.
+        ``vae_path=None`` gives the base VAE without LoRA (``base_path`` required). A ``vae_path`` whose name lacks
+        ``ema`` (the raw ``vae.pth``) is refused unless ``allow_non_ema``. A config without a ``vae`` block takes it
+        from a diffusers base folder (:func:`complete_vae_config`)."""
         if vae_path is None and base_path is None:
             raise TokError("give the base VAE file, the LoRA VAE file (vae_ema.pth), or both")
         if vae_path is not None and not allow_non_ema and "ema" not in Path(vae_path).name.lower():
             raise TokError(f"{Path(vae_path).name} looks like the raw (non-EMA) CODA VAE; the released model is "
                            f"vae_ema.pth (the raw file has the same keys but different LoRA weights). "
                            f"Pass allow_non_ema=True to load it anyway.")
+        cfg = complete_vae_config(_load_config(config), base_path)
+        model = cls(cfg["vae"], latent_scale=cfg["latent_scale"], latent_shift=cfg.get("latent_shift") or 0.0)
         if base_path is not None:
-            model.load_official_state_dict(load_official_vae_file(base_path), strict=True)
+            model.load_official_state_dict(read_base_vae(base_path)[0], strict=True)
         if vae_path is not None:
             rank = cfg.get("decoder_lora_rank")
             mods = cfg.get("decoder_lora_module_list")
             if rank is None or not mods:
                 raise TokError("CODA config needs decoder_lora_rank and decoder_lora_module_list for the LoRA VAE")
             sd = load_official_vae_file(vae_path)
+            naming = key_naming(sd)
+            if naming is not None and naming != model.checkpoint_format:
+                raise TokError(f"{Path(vae_path).name} has {naming} key names, but the config's VAE type "
+                               f"{cfg['vae'].get('type')!r} means the {model.checkpoint_format} format "
+                               f"({'coda-flux' if naming == 'diffusers' else 'coda-mar'} files need "
+                               f"{'type AutoencoderKL' if naming == 'diffusers' else 'type MARAutoencoderKL'})")
             found = {t.shape[0] for k, t in sd.items() if k.endswith(".lora_layer.down.weight")}
             if found and found != {int(rank)}:
                 raise TokError(f"{Path(vae_path).name} has LoRA rank {sorted(found)}, config says {rank}")
@@ -356,38 +511,5 @@ class CodaMARVAE(nn.Module):
             model.load_official_state_dict(sd, strict=True)
         return model.eval().requires_grad_(False)
 
-    # ---- inference
 
-    def moments(self, x: torch.Tensor) -> torch.Tensor:
-        """``quant_conv(encoder(x))``: [B, 2*z, h, w], mean then (unclamped) log-variance. ``x`` in [-1, 1]."""
-        return self.vae.quant_conv(self.vae.encoder(x))
-
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled posterior ``(mean, std)``; ``std = exp(0.5 * clamp(logvar, -30, 20))``."""
-        mean, logvar = self.moments(x).chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
-    def scale_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.latent_shift) * self.latent_scale
-
-    def unscale_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        return latent / self.latent_scale + self.latent_shift
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic scaled latent: posterior mean * latent_scale (the quantizer's input)."""
-        return self.scale_latent(self.posterior(x)[0])
-
-    def encode_sampled(self, x: torch.Tensor, *, noise: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """The official path: ``(mean + std * noise) * latent_scale``; ``noise`` defaults to ``randn``."""
-        mean, std = self.posterior(x)
-        if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.scale_latent(mean + std * noise)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """``decoder(post_quant_conv(latent / latent_scale))``: raw image, roughly [-1, 1], NOT clamped."""
-        return self.vae.decoder(self.vae.post_quant_conv(self.unscale_latent(latent)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+CodaMARVAE = CodaVAE  # the name before coda-flux; model.py and older code import it

@@ -2,7 +2,7 @@
 the frozen base that CODA adapts (:mod:`tokcli.nn.klvae`).
 
     build(model_args) -> KL                                   (model.py)
-    convert(path, dest, ...) -> ModelFolder                   (convert.py: a diffusers ``vae/`` folder -> model folder)
+    convert_checkpoint(path, dest, ...) -> ModelFolder        (convert.py: a diffusers ``vae/`` folder)
 
 Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
 """
@@ -12,9 +12,9 @@ from tokcli.families import lazy_attributes
 FAMILY = "kl"
 
 _LAZY = {"KL": "model", "build": "model", "normalize_model_args": "model", "convert_diffusers": "convert",
-         "convert": "convert"}
+         "convert_checkpoint": "convert"}
 
 __all__ = ["FAMILY", *_LAZY]
 
 
-__getattr__ = lazy_attributes(__name__, _LAZY, {"convert": "convert_diffusers"})
+__getattr__ = lazy_attributes(__name__, _LAZY, {"convert_checkpoint": "convert_diffusers"})
