@@ -220,3 +220,21 @@ def test_lr_schedule_values():
     assert lr_multiplier(r, 50) == 1.0
     with pytest.raises(TokUsageError, match="optim.optimizer"):
         recipe_from_dict({"model": {"family": "kl"}, "data": {"roots": ["x"]}, "optim": {"optimizer": "sgd"}})
+
+
+def test_ema_warmup_forgets_the_initialisation():
+    from tokcli.train.ema import EMA
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+    plain, warm = EMA(lin, 0.999), EMA(lin, 0.999, warmup=True)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    for t in range(1500):
+        plain.update(lin, t)
+        warm.update(lin, t)
+    keep = math.prod(min(0.999, (1 + t) / (10 + t)) for t in range(1500))  # share of the initial value left
+    assert float(plain.shadow["weight"]) == pytest.approx(1 - 0.999 ** 1500, rel=1e-4)  # 22 % still the init
+    assert float(warm.shadow["weight"]) == pytest.approx(1 - keep, rel=1e-5) and keep < 1e-3
+    assert warm.decay_at(0) == pytest.approx(0.1) and warm.decay_at(10 ** 6) == 0.999

@@ -2,6 +2,10 @@
 
 shadow <- shadow + (1 - decay) * (param - shadow) after every optimizer step. Frozen parameters (e.g. the stage-2
 encoder) and buffers have no shadow: ``averaged_state_dict`` takes them from the live model.
+
+With ``warmup`` the decay after update number t (counted from 0) is min(decay, (1 + t) / (10 + t)), LitEma's
+``use_num_upates`` rule: without it the shadow still holds decay^t of the random initialisation after t steps
+(22 % after 1,500 steps at 0.999), which ruins short runs.
 """
 
 from __future__ import annotations
@@ -11,18 +15,24 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int = 0) -> None:
+        """Fold in the current parameters; ``step`` = number of earlier updates (for the warm-up)."""
+        d = self.decay_at(step)
         for name, p in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+                self.shadow[name].lerp_(p.detach(), 1.0 - d)
 
     def averaged_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's state_dict with every shadowed parameter replaced by its average (for export)."""

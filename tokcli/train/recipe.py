@@ -13,7 +13,7 @@ which is the repository root for the shipped recipes.
              gan_weight (0 = no GAN), disc_start, lecam_weight, lecam_decay, entropy_mode, entropy_weight,
              commitment_weight, kl_weight (KL autoencoders), vq_weight (CODA's quantizer loss), disc_ndf, disc_layers
     [optim]  optimizer ("adam" | "adamw"), lr, disc_lr, betas, weight_decay, grad_accum, max_steps, ema_decay
-             (0 = off), grad_clip, lr_schedule ("constant" | "cosine": from lr to min_lr over max_steps after
+             (0 = off), ema_warmup, grad_clip, lr_schedule ("constant" | "cosine": from lr to min_lr over max_steps after
              warmup_steps of linear warm-up), warmup_steps, min_lr
     [run]    seed, log_every, ckpt_every, sample_every, keep_checkpoints, device, precision ("fp32" | "bf16"),
              deterministic
@@ -93,6 +93,7 @@ class OptimSection:
     grad_accum: int = 1
     max_steps: int = 1000
     ema_decay: float = 0.999  # 0 = no EMA (the raw weights are exported)
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) at update t (LitEma's rule; short runs)
     grad_clip: float | None = None
     lr_schedule: str = "constant"
     warmup_steps: int = 0

@@ -106,7 +106,7 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
     opt_g = opt_cls(trainable, lr=r.optim.lr, betas=betas, weight_decay=r.optim.weight_decay)
     opt_d = opt_cls(disc.parameters(), lr=r.optim.disc_lr or r.optim.lr, betas=betas,
                     weight_decay=r.optim.weight_decay) if use_gan else None
-    ema = EMA(model, r.optim.ema_decay) if r.optim.ema_decay > 0 else None
+    ema = EMA(model, r.optim.ema_decay, warmup=r.optim.ema_warmup) if r.optim.ema_decay > 0 else None
     torch.manual_seed(r.run.seed * 7919 + rank)  # per-rank stream for anything random during training
     step = 0
     if saved:
@@ -177,7 +177,7 @@ def train(recipe: Recipe, *, output_dir: str | os.PathLike | None = None, max_st
                                                                      r.optim.grad_clip))
         opt_g.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step)
 
         # ---- discriminator step ---------------------------------------------------------------------------
         if gan_on:
@@ -588,6 +588,7 @@ def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainDat
     else:
         data_line = f"{data_info['num_images']} images from {', '.join(d.roots)}"
     losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+    ema_text = f"EMA (decay {o.ema_decay}{', warm-up (1 + t) / (10 + t)' if o.ema_warmup else ''})"
     optim_text = (f"{'AdamW' if o.optimizer == 'adamw' else 'Adam'} lr {o.lr} betas {tuple(o.betas)} weight decay "
                   f"{o.weight_decay}, {o.lr_schedule} schedule")
     if o.warmup_steps or o.lr_schedule != "constant":
@@ -600,7 +601,7 @@ def _export(model_dir: Path, r: Recipe, model, model_args, state, data: TrainDat
         f"## Training\n\n- recipe: `{r.source}`\n- steps: {step}, global batch {training['global_batch']}, "
         f"{optim_text}\n- loss: {' + '.join(terms)}\n"
         f"- perceptual loss: {_PERCEPTUAL_TEXT[lo.perceptual]}\n"
-        f"- weights: {'EMA (decay %s)' % o.ema_decay if weights == 'ema' else 'raw (no EMA)'}\n"
+        f"- weights: {ema_text if weights == 'ema' else 'raw (no EMA)'}\n"
         f"- final losses: {losses or 'n/a'}\n\n"
         f"Tokens: `{json.dumps(model.spec.to_dict())}`\n\n"
         f"Load it with `tokcli.load(\"local-dir:PATH_OF_THIS_FOLDER\")`; `config.json` holds the full recipe under "
