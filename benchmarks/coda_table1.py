@@ -78,7 +78,7 @@ def train_quantizer(q: MultiScaleAttentionQuantizer, lat: torch.Tensor, steps: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(q.parameters(), 10.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     q.eval()
     return losses
 

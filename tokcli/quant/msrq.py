@@ -49,18 +49,53 @@ Paper vs. official code (the official code, LeapLabTHU/CODA, is what this module
   ``beta * ||z_hard - sg[f]||^2``, and every term is taken against the level's own downsampled residual r_l,
   not the full latent f.
 - The code's value table (to_v) has a bias: z = C[id] W_v^T + b_v.
+
+Inference path (``encode``, ``decode_indices``). The training path needs the dense [rows, V] softmax twice (the
+soft assignment and, at temperature 0.01, the entropy terms) plus a [rows, V] x [V, D] product; the ids need none
+of it. ``encode`` computes, per level, only the logits and their argmax, in row blocks of about 1 Mi logits on CPU
+(64 Mi elsewhere) that are reused, scaled in place and reduced with :func:`tokcli.quant.vq.first_argmax`; then a
+gather from the value table. Keys and values are computed once per call and not cached across calls (caching made
+no measurable difference to ``encode``, and without a cache a changed weight can never serve stale tables).
+
+The ids are bit-identical to ``forward``'s by construction, not by luck: both paths compute the logits with the same
+per-block ``mm(q_block, k^T) * scale`` calls (:meth:`CodeAttention.logits` concatenates the very blocks
+:meth:`CodeAttention.assign` reduces; BLAS libraries do not promise that a row of a product is the same for every
+number of rows -- MKL's small-row kernels round differently), and both take the first maximum (under autocast both
+make the same autocast calls). They can differ only if the two paths run at different precisions (e.g. ``forward``
+under autocast, ``encode`` without) or thread counts.
+
+``assignment="nearest"``: multi-scale residual VQ without attention (VAR-style, the baseline rows of the paper's
+Table 1). There is no attention module (no ``attn.*`` parameters or state-dict keys, so nothing unused under DDP).
+Per level: r_l = area-downsample(residual); id = nearest codebook row by squared L2
+(:func:`tokcli.quant.vq.nearest_code`); z_l = codebooks.weight[id] (the raw row, no value table); bicubic-upsample
+and accumulate as above. The residual is updated with sg(up), so each level's loss trains only its own codes:
+
+    vq    = mean over levels of [ mean((sg(r_l) - z_l)**2) + beta * mean((r_l - sg(z_l))**2) ]
+    quantized = f + sg(f_hat - f)      (straight-through: value f_hat up to float rounding, gradient identity to f)
+    entropy_loss = 0
+
+With a single level at the latent size (``patch_size_list=[H]``) this is plain VQ, :class:`tokcli.quant.vq.
+VectorQuantizer`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcli.quant.vq import first_argmax, nearest_code, straight_through, vq_losses
+
 NORM_TYPES = ("rms_norm", "layer_norm", None)
+ASSIGNMENTS = ("attention", "nearest")
+# Logits held at once per row block (see CodeAttention.row_block): ~4 MiB of fp32 on CPU, where a block that stays
+# in cache makes the scale and the argmax cheap; 256 MiB elsewhere (a memory bound, not a speed trick).
+LOGIT_BLOCK_ELEMENTS = {"cpu": 1 << 20}
+LOGIT_BLOCK_ELEMENTS_DEFAULT = 1 << 26
 
 
 class RMSNorm(nn.Module):
@@ -97,6 +132,7 @@ class CodeAttention(nn.Module):
         super().__init__()
         attn_dim = dim if attn_dim is None else attn_dim
         self.attn_dim = attn_dim
+        self.scale = 1.0 / math.sqrt(attn_dim)
         self.to_q = nn.Linear(dim, attn_dim)
         self.to_k = nn.Linear(dim, attn_dim)
         self.to_v = nn.Linear(dim, dim)
@@ -117,16 +153,60 @@ class CodeAttention(nn.Module):
         """codes [V, D] -> value table [V, D]."""
         return self.to_v(codes)
 
+    @staticmethod
+    def row_block(n_codes: int, device: torch.device) -> int:
+        """Query rows per logit block: about LOGIT_BLOCK_ELEMENTS logits (a function of V and the device only, so
+        that :meth:`logits` and :meth:`assign` cut the rows identically)."""
+        budget = LOGIT_BLOCK_ELEMENTS.get(torch.device(device).type, LOGIT_BLOCK_ELEMENTS_DEFAULT)
+        return max(1, budget // max(int(n_codes), 1))
+
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """[B, M, A] x [V, A] -> [B, M, V], scaled by 1/sqrt(A)."""
-        return torch.matmul(q, k.t()) * (1.0 / math.sqrt(self.attn_dim))
+        """[..., M, A] x [V, A] -> [..., M, V], scaled by 1/sqrt(A); dense, differentiable (training path).
+
+        Computed as ``mm(q_block, k^T) * scale`` per block of :meth:`row_block` rows, concatenated: the same calls
+        :meth:`assign` makes, so that its ids are bit-identical to ``argmax`` of these logits."""
+        flat = q.reshape(-1, q.shape[-1])
+        kt = k.t()
+        parts = [torch.mm(part, kt) * self.scale for part in flat.split(self.row_block(k.shape[0], q.device))]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(*q.shape[:-1], k.shape[0])
+
+    def logit_buffer(self, n_rows: int, k: torch.Tensor) -> torch.Tensor:
+        """Scratch space for :meth:`assign` on up to ``n_rows`` query rows: [min(n_rows, row_block), V]."""
+        rows = min(self.row_block(k.shape[0], k.device), max(int(n_rows), 1))
+        return torch.empty(rows, k.shape[0], dtype=k.dtype, device=k.device)
+
+    @torch.no_grad()
+    def assign(self, q: torch.Tensor, k: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference assignment: [..., M, A] x [V, A] -> int64 ids [..., M] = ``argmax`` of :meth:`logits`, without
+        the dense logits: one [row_block, V] buffer (``buffer``, from :meth:`logit_buffer`, can be shared by the
+        levels of one call: allocating megabytes per level costs page faults), scaled in place, reduced by
+        ``first_argmax``."""
+        flat = q.reshape(-1, q.shape[-1])
+        kt = k.t()
+        rows = self.row_block(k.shape[0], q.device)
+        ids = torch.empty(flat.shape[0], dtype=torch.long, device=q.device)
+        if buffer is None or buffer.shape[0] < min(rows, flat.shape[0]) or buffer.shape[1] != k.shape[0]:
+            buffer = self.logit_buffer(flat.shape[0], k)
+        autocast = torch.is_autocast_enabled(q.device.type)
+        for start in range(0, flat.shape[0], rows):
+            part = flat[start:start + rows]
+            if autocast:  # autocast does not apply to out= calls: make exactly the calls logits() makes
+                block = (torch.mm(part, kt) * self.scale).contiguous()
+            else:
+                block = buffer[:part.shape[0]]
+                torch.mm(part, kt, out=block)
+                block.mul_(self.scale)
+            ids[start:start + part.shape[0]] = first_argmax(block)
+        return ids.reshape(q.shape[:-1])
 
 
 class QuantizerOutput(NamedTuple):
-    quantized: torch.Tensor          # [B, D, H, W]; value = f_hat, gradient through the soft assignment
+    quantized: torch.Tensor          # [B, D, H, W]; value = f_hat (attention: gradient through the soft assignment;
+                                     # nearest: f + sg(f_hat - f), straight-through)
     indices: list[torch.Tensor]      # per level [B, pn, pn] int64, coarse -> fine
     vq_loss: torch.Tensor            # scalar, mean over levels (see module docstring)
-    entropy_loss: torch.Tensor       # scalar, mean over levels
+    entropy_loss: torch.Tensor       # scalar, mean over levels (0 for "nearest")
 
 
 class QuantizerTrace(NamedTuple):
@@ -134,9 +214,10 @@ class QuantizerTrace(NamedTuple):
 
     f_hat: torch.Tensor              # [B, D, H, W]
     indices: torch.Tensor            # [B, T] int64
-    level_inputs: torch.Tensor       # [B, T, D] area-downsampled residual fed to the attention
-    level_codes: torch.Tensor        # [B, T, D] selected value-table rows
-    logit_margin: torch.Tensor       # [B, T] top-1 minus top-2 logit
+    level_inputs: torch.Tensor       # [B, T, D] area-downsampled residual fed to the assignment
+    level_codes: torch.Tensor        # [B, T, D] selected code vectors (value-table rows, or codebook rows)
+    logit_margin: torch.Tensor       # [B, T] top-1 minus top-2 logit ("nearest": second-best minus best squared
+                                     # distance)
 
 
 class MultiScaleAttentionQuantizer(nn.Module):
@@ -146,32 +227,44 @@ class MultiScaleAttentionQuantizer(nn.Module):
     level, coarse -> fine (the last one is normally the latent size); beta: commitment weight
     (``vq_commitment_beta``); norm_type: ``"rms_norm"`` (``vq_norm_type``), ``"layer_norm"`` or None;
     attn_dim: projection width A (``vq_attn_dim``; None = D); entropy_temperature and the two entropy weights
-    are the official defaults.
+    are the official defaults. assignment: ``"attention"`` (CODA) or ``"nearest"`` (multi-scale residual VQ
+    without attention; norm_type, attn_dim and the entropy settings are then unused and no attention module is
+    built). Also importable as ``MultiScaleResidualQuantizer``.
     """
 
     def __init__(self, dim: int, codebook_size: int, patch_size_list: Sequence[int], *, beta: float = 0.25,
                  norm_type: str | None = "rms_norm", attn_dim: int | None = None,
                  entropy_temperature: float = 0.01, sample_minimization_weight: float = 1.0,
-                 batch_maximization_weight: float = 1.0):
+                 batch_maximization_weight: float = 1.0, assignment: str = "attention"):
         super().__init__()
         if not patch_size_list or any(int(p) <= 0 for p in patch_size_list):
             raise ValueError(f"patch_size_list must be non-empty positive ints, got {patch_size_list!r}")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.patch_size_list = [int(p) for p in patch_size_list]
         self.beta = beta
+        self.assignment = assignment
         self.entropy_temperature = entropy_temperature
         self.sample_minimization_weight = sample_minimization_weight
         self.batch_maximization_weight = batch_maximization_weight
         self.codebooks = nn.Embedding(codebook_size, dim)
-        self.attn = CodeAttention(dim, attn_dim, norm_type)
+        self.attn = CodeAttention(dim, attn_dim, norm_type) if assignment == "attention" else None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "MultiScaleAttentionQuantizer":
-        """Build from the official config keys (``vae_latent_channels``, ``codebook_size``, ...)."""
+        """Build from the official config keys (``vae_latent_channels``, ``codebook_size``, ...) and tok's
+        ``vq_assignment`` (default ``"attention"``)."""
         return cls(cfg["vae_latent_channels"], cfg["codebook_size"], cfg["patch_size_list"],
                    beta=cfg.get("vq_commitment_beta", 0.25), norm_type=cfg.get("vq_norm_type", "rms_norm"),
-                   attn_dim=cfg.get("vq_attn_dim"))
+                   attn_dim=cfg.get("vq_attn_dim"), assignment=cfg.get("vq_assignment", "attention"))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, patch_size_list={self.patch_size_list}, "
+                f"assignment={self.assignment!r}")
 
     # ---- token layout helpers -------------------------------------------------------------------------------
 
@@ -200,6 +293,11 @@ class MultiScaleAttentionQuantizer(nn.Module):
 
     # ---- core -----------------------------------------------------------------------------------------------
 
+    def code_table(self) -> torch.Tensor:
+        """The vectors the ids select, [V, D]: the value table to_v(C) ("attention") or the codebook C ("nearest")."""
+        codes = self.codebooks.weight
+        return codes if self.attn is None else self.attn.values(codes)
+
     def _level_input(self, residual: torch.Tensor, pn: int) -> torch.Tensor:
         """Area-downsample [B, D, H, W] to pn x pn and flatten to [B, pn*pn, D] (row-major, channels last)."""
         r = F.interpolate(residual, size=(pn, pn), mode="area")
@@ -220,48 +318,99 @@ class MultiScaleAttentionQuantizer(nn.Module):
         sample_entropy = torch.mean(-torch.sum(probs * log_probs, dim=-1))
         return self.sample_minimization_weight * sample_entropy - self.batch_maximization_weight * batch_entropy
 
+    @staticmethod
+    def _margin(scores: torch.Tensor) -> torch.Tensor:
+        """Top-1 minus top-2 along the last axis (0 when there is a single code)."""
+        top2 = scores.topk(2, dim=-1).values if scores.shape[-1] > 1 else scores.expand(*scores.shape[:-1], 2)
+        return top2[..., 0] - top2[..., 1]
+
+    def _attention_level(self, r: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, losses: bool,
+                         trace: bool, buffer: torch.Tensor | None = None):
+        """One attention level: r [B, M, D] -> (ids [B, M], z_hard, z_soft, vq term, entropy term, margin)."""
+        q = self.attn.queries(r)                                         # [B, M, A]
+        if not (losses or trace):                                        # inference: argmax + gather only
+            idx = self.attn.assign(q, keys, buffer)
+            z_hard = values[idx]
+            return idx, z_hard, z_hard, None, None, None
+        logits = self.attn.logits(q, keys)                               # [B, M, V]
+        # The official code takes the argmax of softmax(logits); softmax is monotone, so the index is the same.
+        with torch.no_grad():
+            idx = first_argmax(logits.detach().reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
+        z_hard = values[idx]                                             # [B, M, D]
+        vq = ent = None
+        z_soft = z_hard
+        if losses:
+            soft = F.softmax(logits, dim=-1)
+            # Value of z_hard, gradient of (hard - sg(soft) + soft) @ values: (soft - sg(soft)) is exactly 0.
+            z_soft = z_hard + torch.matmul(soft - soft.detach(), values)
+            vq = (torch.mean((z_soft - r) ** 2) + torch.mean((z_hard.detach() - r) ** 2)
+                  + self.beta * torch.mean((z_hard - r.detach()) ** 2))
+            ent = self._entropy_loss(logits)
+        margin = self._margin(logits.detach()) if trace else None
+        return idx, z_hard, z_soft, vq, ent, margin
+
+    def _nearest_level(self, r: torch.Tensor, *, losses: bool, trace: bool):
+        """One nearest-neighbour level: r [B, M, D] -> (ids [B, M], z, z detached, vq term, None, margin)."""
+        codes = self.codebooks.weight
+        B, M, D = r.shape
+        rows = r.reshape(B * M, D)
+        idx = nearest_code(rows, codes).reshape(B, M)
+        z = codes[idx]                                                   # [B, M, D], gradient to the codebook
+        vq = None
+        if losses:
+            codebook_loss, commitment_loss = vq_losses(r, z, self.beta)
+            vq = codebook_loss + commitment_loss
+        margin = None
+        if trace:  # second-best minus best squared distance (||x||^2 cancels)
+            with torch.no_grad():
+                scores = torch.addmm(-codes.pow(2).sum(-1), rows.detach(), codes.t(), alpha=2)
+                margin = self._margin(scores).reshape(B, M)
+        return idx, z, z.detach(), vq, None, margin
+
     def _run(self, latent: torch.Tensor, *, losses: bool, trace: bool):
         B, D, H, W = latent.shape
         if D != self.dim:
             raise ValueError(f"latent has {D} channels, the quantizer expects {self.dim}")
-        codes = self.codebooks.weight
-        keys = self.attn.keys(codes)
-        values = self.attn.values(codes)
+        if self.attn is not None:
+            # Keys and values once per call, shared by every level (and by the training and inference paths).
+            keys = self.attn.keys(self.codebooks.weight)
+            values = self.attn.values(self.codebooks.weight)
+            buffer = None
+            if not (losses or trace):
+                buffer = self.attn.logit_buffer(B * max(p * p for p in self.patch_size_list), keys)
         f_hat = torch.zeros_like(latent)
         residual = latent
         ids, vq_terms, ent_terms = [], [], []
         t_inputs, t_codes, t_margin = [], [], []
         for pn in self.patch_size_list:
             r = self._level_input(residual, pn)                          # [B, M, D]
-            logits = self.attn.logits(self.attn.queries(r), keys)        # [B, M, V]
-            # The official code takes the argmax of softmax(logits); softmax is monotone, so the index is the same.
-            idx = logits.argmax(dim=-1)                                  # [B, M]
-            z_hard = values[idx]                                         # [B, M, D]
-            if losses:
-                soft = F.softmax(logits, dim=-1)
-                # Value of z_hard, gradient of (hard - sg(soft) + soft) @ values: (soft - sg(soft)) is exactly 0.
-                z_soft = z_hard + torch.matmul(soft - soft.detach(), values)
-                vq_terms.append(torch.mean((z_soft - r) ** 2) + torch.mean((z_hard.detach() - r) ** 2)
-                                + self.beta * torch.mean((z_hard - r.detach()) ** 2))
-                ent_terms.append(self._entropy_loss(logits))
+            if self.attn is not None:
+                idx, z_hard, z_up, vq, ent, margin = self._attention_level(r, keys, values, losses=losses,
+                                                                           trace=trace, buffer=buffer)
             else:
-                z_soft = z_hard
-            up = self._upsample(z_soft, pn, (H, W))
+                idx, z_hard, z_up, vq, ent, margin = self._nearest_level(r, losses=losses, trace=trace)
+            up = self._upsample(z_up, pn, (H, W))
             f_hat = f_hat + up
             residual = residual - up
             ids.append(idx.reshape(B, pn, pn))
+            if vq is not None:
+                vq_terms.append(vq)
+            if ent is not None:
+                ent_terms.append(ent)
             if trace:
                 t_inputs.append(r)
                 t_codes.append(z_hard)
-                top2 = logits.topk(2, dim=-1).values if logits.shape[-1] > 1 else logits.expand(-1, -1, 2)
-                t_margin.append(top2[..., 0] - top2[..., 1])
+                t_margin.append(margin)
         return f_hat, ids, vq_terms, ent_terms, (t_inputs, t_codes, t_margin)
 
     # ---- public API -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, latent: torch.Tensor) -> list[torch.Tensor]:
-        """Scaled latent [B, D, H, W] -> per-level int64 ids [B, pn, pn], coarse -> fine."""
+        """Scaled latent [B, D, H, W] -> per-level int64 ids [B, pn, pn], coarse -> fine.
+
+        The inference path: argmax + gather per level, no softmax, one-hot or entropy; the ids equal ``forward``'s
+        bit for bit (module docstring)."""
         return self._run(latent, losses=False, trace=False)[1]
 
     @torch.no_grad()
@@ -277,18 +426,21 @@ class MultiScaleAttentionQuantizer(nn.Module):
             raise ValueError(f"expected {len(self.patch_size_list)} levels, got {len(indices)}")
         last = self.patch_size_list[-1]
         size = (last, last) if size is None else tuple(size)
-        values = self.attn.values(self.codebooks.weight)
+        table = self.code_table()
         f_hat = None
         for idx, pn in zip(indices, self.patch_size_list):
             idx = idx.reshape(idx.shape[0], pn * pn).long()
-            up = self._upsample(values[idx], pn, size)
+            up = self._upsample(table[idx], pn, size)
             f_hat = up if f_hat is None else f_hat + up
         return f_hat
 
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
         """Training/official forward: quantized latent (value = f_hat), per-level ids, vq_loss, entropy_loss."""
         f_hat, ids, vq_terms, ent_terms, _ = self._run(latent, losses=True, trace=False)
-        return QuantizerOutput(f_hat, ids, torch.stack(vq_terms).mean(), torch.stack(ent_terms).mean())
+        vq_loss = torch.stack(vq_terms).mean()
+        if self.attn is None:
+            return QuantizerOutput(straight_through(latent, f_hat), ids, vq_loss, vq_loss.new_zeros(()))
+        return QuantizerOutput(f_hat, ids, vq_loss, torch.stack(ent_terms).mean())
 
     @torch.no_grad()
     def trace(self, latent: torch.Tensor) -> QuantizerTrace:
@@ -296,3 +448,26 @@ class MultiScaleAttentionQuantizer(nn.Module):
         f_hat, ids, _, _, (inp, cod, mar) = self._run(latent, losses=False, trace=True)
         return QuantizerTrace(f_hat, self.flatten_indices(ids), torch.cat(inp, 1), torch.cat(cod, 1),
                               torch.cat(mar, 1))
+
+    # ---- statistics -----------------------------------------------------------------------------------------
+
+    def usage_stats(self, indices: Sequence[torch.Tensor] | torch.Tensor | np.ndarray) -> dict[str, Any]:
+        """Codebook utilisation of a set of ids (per-level list, or flat [N, T] tensor / array, e.g. the ids of a
+        whole evaluation set concatenated): ``{"codebook_size", "overall": {...}, "levels": [{"scale": pn, ...}]}``
+        where each entry is :func:`tokcli.metrics.usage.codebook_usage` (tokens, used, usage = fraction of the V
+        codes used, entropy_bits, perplexity). All levels share one codebook, so "overall" pools every token."""
+        from tokcli.metrics.usage import codebook_usage
+
+        if isinstance(indices, (list, tuple)):
+            indices = self.flatten_indices([torch.as_tensor(t) for t in indices])
+        flat = torch.as_tensor(indices).detach().cpu().numpy()
+        if flat.ndim != 2 or flat.shape[1] != self.num_tokens:
+            raise ValueError(f"expected ids [N, {self.num_tokens}], got shape {tuple(flat.shape)}")
+        levels = [{"scale": pn, **codebook_usage(flat[:, off:off + pn * pn], self.codebook_size)}
+                  for off, pn in zip(self.level_offsets, self.patch_size_list)]
+        return {"codebook_size": self.codebook_size, "overall": codebook_usage(flat, self.codebook_size),
+                "levels": levels}
+
+
+MultiScaleResidualQuantizer = MultiScaleAttentionQuantizer
+"""The same class under an assignment-neutral name (``assignment="nearest"`` has no attention)."""

@@ -39,6 +39,12 @@ _QUANT = {"vae_latent_channels": 16, "vq_attn_dim": 32, "vq_norm_type": "rms_nor
 
 REGISTRY = [
     ModelEntry(
+        name="coda-tiny", family="coda", shipped=True, license="other",
+        description="demo CODA on kl-tiny (LoRA rank 8, 680 tokens of 2^10 at 128 px) trained by tok on CPU on 32 "
+                    "openly licensed photos",
+        notes="see weights/coda-tiny/README.md for data, training and measured quality",
+    ),
+    ModelEntry(
         name="coda-mar", family="coda",
         model_args={"vae": _MAR_VAE, **_QUANT, "patch_size_list": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
                     "codebook_size": 16384, "decoder_lora_module_list": ["conv1", "conv2", "upsample", "downsample"],
