@@ -347,8 +347,14 @@ def test_shipped_recipes_parse(path):
     from tokcli.families import get_family
 
     r = load_recipe(path)
-    if not r.stage2:
-        get_family(r.model.family).normalize_model_args(r.model.model_args)
+    fam = get_family(r.model.family)
+    if r.model.init_from and not r.stage2:  # a model built around a shipped base (CODA on weights/kl-tiny)
+        from tokcli.core.checkpoint import read_model_folder
+
+        model = fam.init_model(r.model.model_args, read_model_folder(REPO / r.model.init_from))
+        assert model.model_args["image_size"] == r.data.crop_size
+    elif not r.stage2:
+        fam.normalize_model_args(r.model.model_args)
 
 
 # --------------------------------------------------------------------------------------------------------------
