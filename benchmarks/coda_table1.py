@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO))
 import tokcli  # noqa: E402
 from tokcli.core.images import to_uint8  # noqa: E402
 from tokcli.metrics.image import mean_psnr, psnr, ssim  # noqa: E402
-from tokcli.metrics.usage import codebook_usage  # noqa: E402
 from tokcli.quant.msrq import MultiScaleAttentionQuantizer  # noqa: E402
 from tokcli.train.data import TrainData  # noqa: E402
 from tokcli.train.recipe import DataSection  # noqa: E402
@@ -97,11 +96,10 @@ def evaluate(name: str, encode_latent, quantizer, decode_latent, x: torch.Tensor
     ids_all = torch.cat(ids).numpy()
     rec = torch.cat(recs)
     a, b = to_uint8(x), to_uint8(rec)
-    per_level = []
-    for off, pn in zip(quantizer.level_offsets, quantizer.patch_size_list):
-        u = codebook_usage(ids_all[:, off:off + pn * pn], quantizer.codebook_size)
-        per_level.append({"scale": pn, "usage": round(u["usage"], 4), "perplexity": round(u["perplexity"], 1)})
-    overall = codebook_usage(ids_all, quantizer.codebook_size)
+    stats = quantizer.usage_stats(ids_all)
+    per_level = [{"scale": u["scale"], "usage": round(u["usage"], 4), "perplexity": round(u["perplexity"], 1)}
+                 for u in stats["levels"]]
+    overall = stats["overall"]
     return {"name": name, "quant_error_rel": sum(errs) / sum(f2), "psnr": mean_psnr(psnr(a, b)),
             "ssim": float(np.mean(ssim(a, b))), "usage": overall["usage"], "perplexity": overall["perplexity"],
             "tokens_per_image": int(ids_all.shape[1]), "per_level": per_level}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import TINY_ARGS, make_model_folder
 from test_train import make_blobs, read_metrics
 
 import tokcli
@@ -190,14 +191,7 @@ def test_init_from_errors(blobs, kl_run, tmp_path):
     with pytest.raises(TokUsageError, match="cannot start from model.init_from"):
         train(kl_recipe(blobs, model={"init_from": kl_run[1]["model_dir"]}), output_dir=tmp_path / "a",
               progress=False)
-    wetok = tmp_path / "wetok"
-    from tokcli.families.wetok import build
-    from tokcli.core.checkpoint import save_model_folder
-
-    m = build({"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 8, "groups": 2, "codebook_size": 16,
-               "image_size": 32})
-    save_model_folder(wetok, family="wetok", model_args=m.model_args, tokens=m.spec.to_dict(),
-                      preprocess=m.preprocess, state_dict=m.state_dict())
+    wetok = make_model_folder(tmp_path / "wetok", TINY_ARGS)
     with pytest.raises(TokError, match="must be a 'kl' model folder"):
         train(coda_recipe(blobs, wetok), output_dir=tmp_path / "b", progress=False)
     bad = coda_recipe(blobs, Path(kl_run[1]["model_dir"]))
