@@ -10,24 +10,32 @@ Heavy libraries (torch, diffusers, ...) are imported only when a model is loaded
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from tokcli.core import registry as _registry
+from tokcli.version import __version__
 
 __all__ = ["__version__", "load", "list_models"]
 
 
-def load(name_or_path: str | None = None, device: str = "auto"):
-    """Resolve a model name or path (None = the shipped default model) to a model folder and return the ready (eval-mode) Tokenizer."""
-    from tokcli.core.device import resolve_device
-    from tokcli.core.registry import resolve
-    from tokcli.families import build_from_folder
+def _discover_families() -> None:
+    from tokcli.families import load_all
 
-    folder = resolve(name_or_path)
-    model = build_from_folder(folder, device=str(resolve_device(device)))
-    return model.requires_grad_(False)  # inference object; training builds its own (tok train)
+    load_all()
+
+
+# core/ is passive: the family packages push themselves into the registry when discovery runs (first use).
+_registry.add_discovery(_discover_families)
+
+
+def load(name_or_path: str | None = None, device: str = "auto"):
+    """Resolve a model name or path (None = the shipped default model) to a model folder and return the ready
+    (eval-mode, no-grad) model."""
+    from tokcli.core.device import resolve_device
+    from tokcli.core.model import TokModel
+
+    folder = _registry.resolve(name_or_path)
+    return TokModel.from_folder(folder, device=str(resolve_device(device)))
 
 
 def list_models(filter: str = "") -> list[str]:
     """Registry names (fnmatch ``filter``, e.g. ``"wetok-*"``)."""
-    from tokcli.core.registry import list_models as _list
-
-    return _list(filter)
+    return _registry.list_models(filter)

@@ -4,13 +4,17 @@ A name resolves, in this order, to a model folder (core/checkpoint.py):
 
 1. ``local-dir:PATH`` or an existing directory            -> that folder
 2. ``hf-hub:org/repo[@revision]``                          -> snapshot via huggingface_hub (HF_HUB_OFFLINE honoured)
-3. a registry name (``wetok-tiny``, ``wetok-16x``, ...)     -> shipped ``weights/<name>``, else the tok cache
+3. a registry name (``wetok-tiny``, ``wetok-16x``, ...)     -> shipped ``tokcli/weights/<name>``, else the tok cache
    (``$TOK_CACHE``, default ``~/.cache/tok``) ``models/<name>``; released models that are not converted yet
    raise an error that names the official file(s) and the ``tok convert`` command that makes the folder.
 
 A bare name containing ``/`` or ``:`` that is not an existing path is refused with a hint to add a prefix, so a Hub
 id can never silently match a registry name. Extra entries can be registered in code (``register``) or listed in
 JSON files named by ``$TOK_REGISTRY`` (``os.pathsep``-separated), each holding a list of entry objects.
+
+The registry is passive: families push themselves in with :func:`register_family` (their package ``__init__``
+does it at import); this module imports no family. Discovery (importing the family packages) is a hook that the
+package top installs with :func:`add_discovery`, run once before the tables are first read.
 """
 
 from __future__ import annotations
@@ -19,97 +23,44 @@ import difflib
 import fnmatch
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tokcli.core.checkpoint import ModelFolder, is_model_folder, read_model_folder
+from tokcli.core.entry import HubFile, ModelEntry  # noqa: F401 - re-exported: families declare entries with them
+from tokcli.core.family import Family
 from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 
 DEFAULT_MODEL = "wetok-tiny"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "weights"  # package data: tokcli/weights/NAME
 
 
-@dataclass(frozen=True)
-class HubFile:
-    """One file of an official release on the Hugging Face Hub.
-
-    ``role`` tells the family's converter what the file is (``checkpoint`` for the main file; e.g. ``quantizer``,
-    ``base_vae``, ``base_vae_config`` for the others); ``local`` is where the file goes, relative to the folder of
-    the main checkpoint, when a user lays out downloaded copies for ``tok convert FILE --as NAME``."""
-
-    repo: str
-    filename: str
-    revision: str | None = None
-    role: str = "checkpoint"
-    local: str | None = None
-
-    @property
-    def spec(self) -> str:
-        """``repo:filename[@revision]``, the form error messages use."""
-        return f"{self.repo}:{self.filename}" + (f"@{self.revision}" if self.revision else "")
-
-    @property
-    def local_name(self) -> str:
-        return self.local or self.filename.rsplit("/", 1)[-1]
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """What the registry knows about a named model before any weights are read."""
-
-    name: str
-    family: str
-    description: str
-    model_args: dict[str, Any] = field(default_factory=dict)
-    # Official release (for `tok convert NAME`): Hub repo + file + revision, and the original config.
-    hub_repo: str | None = None
-    hub_filename: str | None = None
-    hub_revision: str | None = None
-    # Further files the conversion needs (a release spread over several files or repos): one object per file with
-    # the keys of HubFile (repo, filename, and optionally revision, role, local). JSON-friendly, as TOK_REGISTRY
-    # files give them.
-    extra_hub_files: tuple[dict[str, Any], ...] = ()
-    license: str = "unknown"
-    paper: str = ""
-    paper_metrics: dict[str, Any] = field(default_factory=dict)
-    notes: str = ""
-    shipped: bool = False  # a folder under weights/ in this repository
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["extra_hub_files"] = [dict(f) for f in self.extra_hub_files]
-        return d
-
-    def release_files(self) -> list[HubFile]:
-        """Every Hub file `tok convert NAME` needs: the main checkpoint first, then ``extra_hub_files``."""
-        if not self.hub_repo or not self.hub_filename:
-            return []
-        out = [HubFile(self.hub_repo, self.hub_filename, self.hub_revision)]
-        for d in self.extra_hub_files:
-            try:
-                f = HubFile(**d)
-            except TypeError as e:
-                raise TokError(f"registry entry {self.name}: bad extra_hub_files item {d!r} ({e})") from None
-            out.append(f if "role" in d else replace(f, role=f.filename))
-        roles = [f.role for f in out]
-        if len(set(roles)) != len(roles):
-            raise TokError(f"registry entry {self.name}: two release files share a role ({roles})")
-        return out
-
-    def local_convert_hint(self) -> str:
-        """How to convert downloaded copies of the release instead (``tok convert FILE --as NAME``)."""
-        files = self.release_files()
-        if not files:
-            return ""
-        main = files[0].local_name
-        if len(files) == 1:
-            return f"`tok convert PATH/{main} --as {self.name}`"
-        layout = ", ".join(f"FOLDER/{f.local_name}" for f in files)
-        return f"`tok convert FOLDER/{main} --as {self.name}` with the files laid out as {layout}"
-
+# --- the tables (passive: families push into them) -----------------------------------------------------------
 
 _ENTRIES: dict[str, ModelEntry] = {}
+_FAMILIES: dict[str, Family] = {}
+_DISCOVERY: list[Callable[[], None]] = []
+_discovered = False
+
+
+def register_family(family: Family, *, replace: bool = False) -> Family:
+    """Push a family and its registry entries in (a family package calls this once, at import)."""
+    old = _FAMILIES.get(family.name)
+    if old is not None and not replace:
+        if old == family:
+            return old
+        raise ValueError(f"family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    for e in family.entries:
+        register(e, replace=True)
+    return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family and its entries (tests register throw-away families and take them out again)."""
+    fam = _FAMILIES.pop(name, None)
+    for e in fam.entries if fam else ():
+        _ENTRIES.pop(e.name, None)
 
 
 def register(entry: ModelEntry, *, replace: bool = False) -> ModelEntry:
@@ -119,13 +70,31 @@ def register(entry: ModelEntry, *, replace: bool = False) -> ModelEntry:
     return entry
 
 
-def _load_builtin() -> None:
-    if _ENTRIES:
-        return
-    from tokcli.families import registry_entries
+def add_discovery(hook: Callable[[], None]) -> None:
+    """Run ``hook`` once, before the tables are first read (the package top wires family discovery in here)."""
+    global _discovered
+    _DISCOVERY.append(hook)
+    _discovered = False
 
-    for e in registry_entries():
-        register(e)
+
+def reload() -> None:
+    """Forget the entries read from ``$TOK_REGISTRY`` and read the environment again on next use (the families
+    stay registered). For long-lived processes whose environment changes, e.g. in-process CLI calls in tests."""
+    global _discovered
+    _discovered = False
+    _ENTRIES.clear()
+    for fam in _FAMILIES.values():
+        for e in fam.entries:
+            register(e, replace=True)
+
+
+def _ensure_loaded() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for hook in list(_DISCOVERY):
+        hook()
     for f in filter(None, os.environ.get("TOK_REGISTRY", "").split(os.pathsep)):
         try:
             items = json.loads(Path(f).read_text(encoding="utf-8"))
@@ -135,13 +104,26 @@ def _load_builtin() -> None:
             raise TokError(f"cannot read registry file {f} (from $TOK_REGISTRY): {e}") from None
 
 
+def families() -> dict[str, Family]:
+    _ensure_loaded()
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _ensure_loaded()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise TokError(f"unknown model family {name!r} (known: {', '.join(sorted(_FAMILIES)) or 'none'})") from None
+
+
 def entries() -> dict[str, ModelEntry]:
-    _load_builtin()
+    _ensure_loaded()
     return dict(_ENTRIES)
 
 
 def get_entry(name: str) -> ModelEntry:
-    _load_builtin()
+    _ensure_loaded()
     try:
         return _ENTRIES[name]
     except KeyError:
@@ -162,9 +144,10 @@ def cache_dir() -> Path:
 
 
 def weights_dirs() -> list[Path]:
-    """Folders searched for shipped weights: ``$TOK_WEIGHTS`` then the repository's ``weights/``."""
+    """Folders searched for shipped weights: ``$TOK_WEIGHTS`` then the package's ``tokcli/weights/`` (installed with
+    the wheel, so a plain ``pip install`` has the demo models)."""
     dirs = [Path(p) for p in os.environ.get("TOK_WEIGHTS", "").split(os.pathsep) if p]
-    dirs.append(REPO_ROOT / "weights")
+    dirs.append(SHIPPED_DIR)
     return dirs
 
 

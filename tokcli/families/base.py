@@ -6,18 +6,23 @@ A Tokenizer is an ``nn.Module`` with:
 - ``preprocess``: dict with ``image_size`` (int), ``crop`` ("adm_center"), ``value_range`` ([-1, 1]),
   ``multiple_of`` (the spatial size the model needs images to be a multiple of);
 - ``encode(x)``: ``x`` float [B, 3, H, W] in [-1, 1] -> tokens (a torch tensor, layout given by ``spec``);
-- ``decode(tokens, *, seed=None, noise=None, clamp=True)`` -> images [B, 3, H, W] in [-1, 1]
-  (``clamp=False`` returns the raw decoder output, as the official code does);
-- ``forward(x) -> (recon, aux)`` for training, ``aux`` holding quantizer losses and statistics.
+- ``decode(tokens, *, seed=None, noise=None, clamp=True, **sampler)`` -> images [B, 3, H, W] in [-1, 1]
+  (``clamp=False`` returns the raw decoder output, as the official code does); the folder's ``decode`` defaults
+  are applied by the base class, families implement ``_decode``;
+- ``Cls(**model_args)``, ``from_folder`` / ``save_folder`` (:class:`tokcli.core.model.TokModel`);
+- training is the family's objective (``families/<name>/objective.py``); reconstruction families keep
+  ``forward(x) -> (recon, aux)`` with the quantizer's losses and statistics in ``aux``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from torch import nn
+
+from tokcli.core.model import TokModel
+from tokcli.errors import TokUsageError
 
 TOKEN_KINDS = ("indices", "bits", "latents")
 
@@ -70,17 +75,16 @@ class TokenSpec:
         return cls(**d)
 
 
-class Tokenizer(nn.Module):
-    """Base class: families subclass this and fill in encode/decode/forward."""
+class Tokenizer(TokModel):
+    """Base class of every tokenizer family (see the module docstring for the contract).
 
-    family: str = ""
+    Subclasses implement ``spec``, ``encode`` and ``_decode`` (raw decoder output) and set ``image_size`` /
+    ``multiple_of`` (used by the default ``preprocess``); stochastic decoders set ``stochastic_decoder`` and take
+    ``seed`` / ``noise``; sampler keywords a family accepts are listed in ``sampler_options``."""
 
-    def __init__(self):
-        super().__init__()
-        # Filled by tokcli.load() from the model folder; empty for a freshly built model.
-        self.name: str = ""
-        self.sha256: str = ""
-        self.source: str = ""
+    #: decode() keywords beyond seed / noise / clamp that this family understands (e.g. ("steps", "cfg")).
+    sampler_options: tuple[str, ...] = ()
+    stochastic_decoder: bool = False
 
     # --- the contract -------------------------------------------------------------------------------
     @property
@@ -88,28 +92,46 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
     @property
-    def preprocess(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def image_size(self) -> int:
+        return int(self.model_args["image_size"])
+
+    @property
+    def multiple_of(self) -> int:
+        """The spatial size the model needs images to be a multiple of (its downsampling, or the image size)."""
+        return int(self.spec.downsample or self.image_size)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "crop": "adm_center", "value_range": [-1, 1],
+                "multiple_of": self.multiple_of}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def decode(self, tokens: torch.Tensor, *, seed: int | None = None, noise: torch.Tensor | None = None,
-               clamp: bool = True) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _decode(self, tokens: torch.Tensor, *, seed=None, noise=None, **sampler) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
 
-    # --- helpers shared by all families --------------------------------------------------------------
-    @property
-    def stochastic_decoder(self) -> bool:
-        """True when decode() draws noise (results then depend on the seed)."""
-        return False
+    def decode(self, tokens: torch.Tensor, *, seed: int | Sequence[int] | None = None,
+               noise: torch.Tensor | None = None, clamp: bool = True, **sampler) -> torch.Tensor:
+        """Tokens -> images [B, 3, H, W] in [-1, 1] (``clamp=False``: the raw decoder output).
 
-    @property
-    def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        return torch.device("cpu")
+        The folder's ``decode`` defaults (seed, steps, cfg, ...) apply here, once, for every family; explicit
+        arguments win. Unknown sampler keywords are refused with the list this family accepts."""
+        unknown = sorted(set(sampler) - set(self.sampler_options))
+        if unknown:
+            accepted = ", ".join(self.sampler_options) or "none"
+            raise TokUsageError(f"{self.family} decode takes no option {', '.join(unknown)} (sampler options: "
+                                f"{accepted})")
+        defaults = {k: v for k, v in self.decode_defaults.items() if k in self.sampler_options}
+        sampler = {**defaults, **{k: v for k, v in sampler.items() if v is not None}}
+        if seed is None and self.stochastic_decoder:
+            seed = self.decode_defaults.get("seed")
+        out = self._decode(tokens, seed=seed, noise=noise, **sampler)
+        return out.clamp(-1, 1) if clamp else out
 
-    def reconstruct(self, x: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, *, seed: int | None = None, **sampler) -> torch.Tensor:
         """encode then decode, clamped to [-1, 1]."""
-        return self.decode(self.encode(x), seed=seed)
+        return self.decode(self.encode(x), seed=seed, **sampler)
+
+    def folder_config(self) -> dict[str, Any]:
+        return {"tokens": self.spec.to_dict(), "preprocess": self.preprocess}

@@ -16,7 +16,7 @@ Each release spans several Hub files, all fetched by `tok convert NAME` (``extra
 The EMA files are the ones the official evaluation uses; the raw ``vae.pth`` / ``quantizer.pth`` are refused.
 """
 
-from tokcli.core.registry import ModelEntry
+from tokcli.core.entry import ModelEntry
 
 _CODA_REPO = "shuidi0020/CODA"
 _PAPER = "arXiv:2503.17760"

@@ -1,20 +1,19 @@
-"""KL family: a continuous KL autoencoder (diffusers ``AutoencoderKL``) used as a tokenizer of float latents, and as
-the frozen base that CODA adapts (:mod:`tokcli.nn.klvae`).
+"""KL: a continuous KL autoencoder (diffusers ``AutoencoderKL``, :mod:`tokcli.nn.klvae`) used as a tokenizer of
+float latents, and the frozen base that CODA adapts.
 
-    build(model_args) -> KL                                   (model.py)
-    convert_checkpoint(path, dest, ...) -> ModelFolder        (convert.py: a diffusers ``vae/`` folder)
+model.py, convert.py (a diffusers ``vae/`` folder), objective.py, registry.py. Importing this package registers
+the family."""
 
-Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
-"""
+from tokcli.core.family import Family
+from tokcli.core.registry import register_family
+from tokcli.families.kl.registry import REGISTRY
 
-from tokcli.families import lazy_attributes
-
-FAMILY = "kl"
-
-_LAZY = {"KL": "model", "build": "model", "normalize_model_args": "model", "convert_diffusers": "convert",
-         "convert_checkpoint": "convert"}
-
-__all__ = ["FAMILY", *_LAZY]
-
-
-__getattr__ = lazy_attributes(__name__, _LAZY, {"convert_checkpoint": "convert_diffusers"})
+FAMILY = register_family(Family(
+    name="kl",
+    model="tokcli.families.kl.model:KL",
+    entries=REGISTRY,
+    converters={"checkpoint": "tokcli.families.kl.convert:convert_diffusers"},
+    objectives={"reconstruction": "tokcli.families.kl.objective:KLObjective"},
+    recipe="tokcli.families.kl.objective:KLLoss",
+    description="continuous KL autoencoder latents (diffusers AutoencoderKL)",
+))

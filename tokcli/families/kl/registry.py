@@ -1,6 +1,6 @@
 """Registry entries for the KL family (continuous latents). This module must stay free of heavy imports."""
 
-from tokcli.core.registry import ModelEntry
+from tokcli.core.entry import ModelEntry
 
 REGISTRY = [
     ModelEntry(

@@ -1,21 +1,18 @@
-"""WeTok family: group-wise lookup-free quantization + MAGVIT-2 CNN, optional generative decoder.
+"""WeTok: group-wise lookup-free quantization on a MAGVIT-2 CNN, optionally with the generative decoder.
 
-    build(model_args) -> WeTok
-    convert_checkpoint(ckpt_path, config_path, dest, ...) -> ModelFolder   (official Lightning .ckpt -> model folder)
+model.py (the tokenizer), convert.py (official Lightning checkpoints), objective.py (training), registry.py
+(the releases). Importing this package registers the family; nothing heavy is imported until a model is built."""
 
-Attributes are imported lazily so that reading the registry (`tok models`) does not import torch.
-"""
+from tokcli.core.family import Family
+from tokcli.core.registry import register_family
+from tokcli.families.wetok.registry import REGISTRY
 
-from tokcli.families import lazy_attributes
-
-FAMILY = "wetok"
-
-_LAZY = {
-    "WeTok": "model", "build": "model", "normalize_model_args": "model", "official_model_args": "model",
-    "DEFAULT_ARGS": "model", "convert_official": "convert", "convert_checkpoint": "convert",
-}
-
-__all__ = ["FAMILY", *_LAZY]
-
-
-__getattr__ = lazy_attributes(__name__, _LAZY, {"convert_checkpoint": "convert_official"})
+FAMILY = register_family(Family(
+    name="wetok",
+    model="tokcli.families.wetok.model:WeTok",
+    entries=REGISTRY,
+    converters={"checkpoint": "tokcli.families.wetok.convert:convert_official"},
+    objectives={"reconstruction": "tokcli.families.wetok.objective:WeTokObjective"},
+    recipe="tokcli.families.wetok.objective:WeTokLoss",
+    description="group-wise LFQ + MAGVIT-2 CNN (GrayShine/WeTok)",
+))

@@ -6,7 +6,7 @@ and are not confirmed on the Hub; `tok convert` reports a clear error if a path 
 free of heavy imports: `tok models` reads it.
 """
 
-from tokcli.core.registry import ModelEntry
+from tokcli.core.entry import ModelEntry
 
 _PAPER = "arXiv:2508.05599"
 _REPO = "GrayShine/WeTok"
