@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +40,11 @@ def coda_expected() -> dict:
 def make_model_folder(dest: Path, args: dict, seed: int = 0, name: str | None = None) -> Path:
     import torch
 
-    from tokcli.core.checkpoint import save_model_folder
-    from tokcli.families import get_family
+    from tokcli.core.registry import get_family
 
     torch.manual_seed(seed)
     model = get_family("wetok").build(args)
-    save_model_folder(dest, family="wetok", model_args=args, tokens=model.spec.to_dict(),
-                      preprocess=model.preprocess, state_dict=model.state_dict(), name=name or dest.name,
-                      provenance={"source": f"random init, seed {seed} (test fixture)"})
+    model.save_folder(dest, name=name or dest.name, provenance={"source": f"random init, seed {seed} (test fixture)"})
     return dest
 
 
@@ -100,9 +95,17 @@ def images(tmp_path) -> Path:
     return write_images(tmp_path / "imgs")
 
 
-def run_tok(*args, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None):
-    """Run the real console entry point in a subprocess (what a user types)."""
-    e = dict(os.environ)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "tokcli", *map(str, args)], input=input, capture_output=True,
-                          env=e, cwd=cwd or REPO, timeout=600)
+def run_tok(*args, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None,
+            subprocess: bool = False):
+    """Run the `tok` command line and return a subprocess.CompletedProcess (bytes stdout/stderr, int returncode).
+
+    By default in this process (tests/cli_runner.py: ``tokcli.cli.app.main(argv)`` with captured streams, the
+    environment / working folder / registry / torch switches set up and put back), which saves a ~2-4 s torch import
+    per call. ``subprocess=True`` runs the real ``python -m tokcli`` process: for what only a process shows (import
+    time, the entry point itself, torchrun, signals, process-wide state); TOK_TEST_SUBPROCESS=1 makes every call a
+    process."""
+    from cli_runner import run_inprocess, run_subprocess
+
+    forced = os.environ.get("TOK_TEST_SUBPROCESS", "") not in ("", "0")  # compare a failing test with the old way
+    run = run_subprocess if subprocess or forced else run_inprocess
+    return run(args, input=input, env=env, cwd=cwd or REPO)

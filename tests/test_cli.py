@@ -22,7 +22,7 @@ def _one_line_error(p):
 
 def test_help_lists_only_working_commands_fast():
     t = time.perf_counter()
-    p = run_tok("--help")
+    p = run_tok("--help", subprocess=True)  # times the whole process: python start + imports
     dt = time.perf_counter() - t
     assert p.returncode == 0
     out = p.stdout.decode()
@@ -193,3 +193,36 @@ def test_bench_psnr_json(tiny_model, images):
     assert m["bpp"]["stored_bytes_per_image"] == 16 * 16 * 2  # uint8 indices, as in the token file
     p = run_tok("bench", "psnr", images, "-m", tiny_model, "--psnr-mode", "nonsense")
     assert p.returncode == 2 and b"--psnr-mode" in p.stderr and b"Traceback" not in p.stderr
+
+
+def test_sampler_options_reach_the_family(tiny_model, images, tmp_path):
+    """--steps / --cfg / --sampler go to model.decode; a family without a sampler refuses them as a usage error
+    (exit 2, one line) before writing anything; --precision is recorded in the token header."""
+    codes = tmp_path / "codes.npz"
+    p = run_tok("encode", images, "-m", tiny_model, "-o", codes, "--precision", "fp32")
+    assert p.returncode == 0, p.stderr.decode()
+    from tokcli.core.tokens import read_token_file
+
+    assert read_token_file(codes).header["precision"] == "fp32"
+    for args in (("decode", codes, "--steps", "4"), ("decode", codes, "--sampler", "order=2"),
+                 ("reconstruct", images, "-m", tiny_model, "--cfg", "1.5")):
+        out = tmp_path / f"out-{args[0]}-{args[-1]}"
+        p = run_tok(*args, "-o", out)
+        assert p.returncode == 2, p.stderr.decode()
+        msg = _one_line_error(p)
+        assert "wetok decoder takes no sampler option" in msg and "it takes: none" in msg
+        assert not out.exists() or not any(out.rglob("*.png"))
+    p = run_tok("decode", codes, "-o", tmp_path / "o", "--sampler", "no-equals-sign")
+    assert p.returncode == 2 and "KEY=VALUE" in _one_line_error(p)
+
+
+def test_sampler_option_parsing():
+    from tokcli.cli.common import sampler_options
+    from tokcli.errors import TokUsageError
+
+    assert sampler_options(None, None, None) == {}
+    assert sampler_options(8, 2.5, ["order=2", "method=euler", "guide=[1, 2]"]) == \
+        {"steps": 8, "cfg": 2.5, "order": 2, "method": "euler", "guide": [1, 2]}
+    assert sampler_options(8, None, ["steps=8"]) == {"steps": 8}
+    with pytest.raises(TokUsageError, match="contradicts"):
+        sampler_options(8, None, ["steps=4"])

@@ -13,7 +13,7 @@ import torch
 
 from conftest import CODA_PARITY, requires_coda_parity
 from tokcli.errors import TokError
-from tokcli.families.coda.vae import (CodaMARVAE, convert_official_vae_state_dict, diffusers_to_ldm_module,
+from tokcli.families.coda.vae import (CodaVAE, convert_official_vae_state_dict, diffusers_to_ldm_module,
                                       ldm_to_diffusers_module, load_official_vae_file)
 
 FIX = CODA_PARITY
@@ -56,12 +56,12 @@ def x():
 
 @pytest.fixture(scope="module")
 def vae():
-    return CodaMARVAE.from_official(FIX, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
+    return CodaVAE.from_official(FIX, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
 
 
 @pytest.fixture(scope="module")
 def base_vae():
-    return CodaMARVAE.from_official(FIX, None, FIX / "base_vae.safetensors")
+    return CodaVAE.from_official(FIX, None, FIX / "base_vae.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_strict_loading(vae, base_vae):
             assert torch.equal(mine[k], t), k
     # a checkpoint that does not fit the config is refused (here: LoRA tensors into a model without LoRA)
     with pytest.raises(TokError, match="unexpected"):
-        CodaMARVAE(base_vae.vae_cfg).load_official_state_dict(ema)
+        CodaVAE(base_vae.vae_cfg).load_official_state_dict(ema)
 
 
 def test_encode_matches_official(outputs, x, coda_expected):
@@ -150,8 +150,8 @@ def test_end_to_end_ids(outputs, coda_expected, coda_config):
 
 def test_non_ema_file_refused_and_differs(x, coda_expected, outputs):
     with pytest.raises(TokError, match="non-EMA"):
-        CodaMARVAE.from_official(FIX, FIX / "vae.pth", FIX / "base_vae.safetensors")
-    raw = CodaMARVAE.from_official(FIX, FIX / "vae.pth", FIX / "base_vae.safetensors", allow_non_ema=True)
+        CodaVAE.from_official(FIX, FIX / "vae.pth", FIX / "base_vae.safetensors")
+    raw = CodaVAE.from_official(FIX, FIX / "vae.pth", FIX / "base_vae.safetensors", allow_non_ema=True)
     with torch.inference_mode():
         lat = raw.encode(x)
         rc = raw.decode(torch.from_numpy(coda_expected["latent"]))
@@ -160,7 +160,7 @@ def test_non_ema_file_refused_and_differs(x, coda_expected, outputs):
 
 
 def test_merged_lora_matches(x, coda_expected):
-    m = CodaMARVAE.from_official(FIX, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
+    m = CodaVAE.from_official(FIX, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
     m.merge_lora()
     with torch.inference_mode():
         assert _maxdiff(m.encode(x), coda_expected["latent"]) <= TOL["latent"]
@@ -171,8 +171,8 @@ def test_config_mismatch_is_refused(coda_config):
     bad = json.loads(json.dumps(coda_config))
     bad["decoder_lora_rank"] = 8
     with pytest.raises(TokError, match="rank"):
-        CodaMARVAE.from_official(bad, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
+        CodaVAE.from_official(bad, FIX / "vae_ema.pth", FIX / "base_vae.safetensors")
     bad = json.loads(json.dumps(coda_config))
     bad["vae"]["ch_mult"] = [1, 2, 2]
     with pytest.raises(TokError, match="does not match"):
-        CodaMARVAE.from_official(bad, None, FIX / "base_vae.safetensors")
+        CodaVAE.from_official(bad, None, FIX / "base_vae.safetensors")

@@ -53,7 +53,7 @@ def test_index_convention_hand_built():
     assert idx.tolist() == [[[[9, 8], [6, 15]]]]
     codes = q.quantize(z)
     assert codes[0, :, 0, 0].tolist() == [1, -1, -1, 1, -1, -1, -1, 1]  # exact 0 -> -1
-    assert q.indices_to_codes(idx)[0, :, 0, 1].tolist() == [-1, 1, 1, -1, 1, 1, 1, 1]
+    assert q.decode_ids(idx)[0, :, 0, 1].tolist() == [-1, 1, 1, -1, 1, 1, 1, 1]
 
 
 def test_zero_maps_to_minus_one_and_no_scaling():
@@ -81,7 +81,7 @@ def test_round_trip_random_indices(dim, groups):
     idx = torch.randint(0, q.codebook_size, (3, 5, 7, groups), generator=g)
     idx[0, 0, 0] = q.codebook_size - 1
     idx[0, 0, 1] = 0
-    codes = q.indices_to_codes(idx)
+    codes = q.decode_ids(idx)
     assert codes.shape == (3, dim, 5, 7) and codes.is_contiguous()
     assert set(codes.unique().tolist()) <= {-1.0, 1.0}
     assert torch.equal(q.codes_to_indices(codes), idx)
@@ -100,13 +100,13 @@ def test_codebook_rows_are_decoded_indices():
 def test_index_range_validation():
     q = GroupLFQ(8, groups=2)
     with pytest.raises(ValueError, match=r"\[0, 15\]"):
-        q.indices_to_codes(torch.full((1, 2, 2, 2), 16))
+        q.decode_ids(torch.full((1, 2, 2, 2), 16))
     with pytest.raises(ValueError):
-        q.indices_to_codes(torch.full((1, 2, 2, 2), -1))
+        q.decode_ids(torch.full((1, 2, 2, 2), -1))
     with pytest.raises(ValueError, match="integer"):
-        q.indices_to_codes(torch.zeros(1, 2, 2, 2))
+        q.decode_ids(torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match="shape"):
-        q.indices_to_codes(torch.zeros(1, 2, 2, 3, dtype=torch.long))
+        q.decode_ids(torch.zeros(1, 2, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError):
         GroupLFQ(10, groups=3)
 
@@ -200,7 +200,7 @@ def test_plain_lfq_16_bits():
     q = GroupLFQ(16, groups=1)
     assert q.codebook_size == 65536
     idx = torch.tensor([[[[0], [65535]], [[1], [32768]]]])
-    codes = q.indices_to_codes(idx)
+    codes = q.decode_ids(idx)
     assert torch.equal(q.codes_to_indices(codes), idx)
     z = torch.randn(1, 16, 2, 2, requires_grad=True)
     out = q.entropy_loss(z)
@@ -212,10 +212,64 @@ def test_plain_lfq_16_bits():
 def test_forward_aux_training_vs_eval():
     q = GroupLFQ(16, groups=2)
     z = torch.randn(2, 16, 3, 3)
-    codes, aux = q.train()(z)
-    assert aux["indices"].shape == (2, 3, 3, 2)
-    assert aux["per_sample_entropy"].item() > 0
+    out = q.train()(z)
+    assert out.ids.shape == (2, 3, 3, 2) and torch.equal(q.decode_ids(out.ids), out.quantized)
+    assert sorted(out.losses) == ["commitment", "entropy_aux"]
+    assert sorted(out.stats) == ["codebook_entropy", "per_sample_entropy"]
+    assert out.stats["per_sample_entropy"].item() > 0
     q.eval()
-    codes2, aux2 = q(z)
-    assert torch.equal(aux2["indices"], aux["indices"]) and torch.equal(codes, codes2)
-    assert aux2["entropy_aux"].item() == 0.0
+    out2 = q(z)
+    assert torch.equal(out2.ids, out.ids) and torch.equal(out.quantized, out2.quantized)
+    assert out2.losses["entropy_aux"].item() == 0.0
+
+
+def _ddp_worker(rank: int, world: int, port: int, z: torch.Tensor, result_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        part = z.chunk(world)[rank].clone().requires_grad_(True)
+        out = GroupLFQ(16, groups=2).entropy_loss(part, eps=0)
+        out["codebook_entropy"].backward()
+        torch.save({"codebook": out["codebook_entropy"].detach(), "grad": part.grad},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebook_entropy_uses_the_global_batch_under_ddp(tmp_path):
+    """Two gloo ranks holding half a batch each get the codebook entropy of the whole batch (not the mean of two
+    half-batch entropies) and, summed over ranks as DDP's averaged gradients imply, the whole batch's gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 16, 2, 2) * 0.02
+    z[:2, :8] -= 0.05  # the two halves use different codes: local and global entropies differ clearly
+    full = z.clone().requires_grad_(True)
+    want = GroupLFQ(16, groups=2).entropy_loss(full, eps=0)["codebook_entropy"]
+    want.backward()
+    halves = [GroupLFQ(16, groups=2).entropy_loss(h, eps=0)["codebook_entropy"].item() for h in z.chunk(2)]
+    assert abs(sum(halves) / 2 - want.item()) > 1e-3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, z, str(tmp_path)), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in res:
+        assert r["codebook"].item() == pytest.approx(want.item(), rel=1e-5)
+    # each rank's gradient is world x its share (all-reduced backward); DDP then averages over the ranks
+    grad = torch.cat([r["grad"] for r in res]) / 2
+    assert torch.allclose(grad, full.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_global_mean_is_the_plain_mean_in_one_process():
+    from tokcli.quant.base import global_mean
+
+    x = torch.randn(3, 4, 5)
+    assert torch.equal(global_mean(x, (0, 1)), x.mean((0, 1)))

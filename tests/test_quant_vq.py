@@ -77,13 +77,15 @@ def test_vq_loss_values_and_gradients_by_hand():
     beta = 0.25
     vq, z = _hand_vq(beta)
     out = vq(z)
-    assert out.indices.tolist() == [[1, 2]]
+    assert out.ids.tolist() == [[1, 2]]
     assert torch.equal(out.quantized.detach(), torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]))
     # squared errors 0.01, 0.01 (first vector), 0.04, 0.25 (second): mean 0.0775
-    assert out.codebook_loss.item() == pytest.approx(0.0775, rel=1e-6)
-    assert out.commitment_loss.item() == pytest.approx(beta * 0.0775, rel=1e-6)
-    assert out.loss.item() == pytest.approx((1 + beta) * 0.0775, rel=1e-6)
-    out.loss.backward()
+    assert sorted(out.losses) == ["codebook", "commitment"] and out.stats == {}
+    assert out.losses["codebook"].item() == pytest.approx(0.0775, rel=1e-6)
+    assert out.losses["commitment"].item() == pytest.approx(beta * 0.0775, rel=1e-6)
+    loss = out.losses["codebook"] + out.losses["commitment"]
+    assert loss.item() == pytest.approx((1 + beta) * 0.0775, rel=1e-6)
+    loss.backward()
     # codebook term: d/dq mean((q - sg z)^2) = 2 (q - z) / 4 on the used rows; code 0 unused
     want_cb = torch.tensor([[0.0, 0.0], [0.05, -0.05], [-0.1, 0.25]])
     assert torch.allclose(vq.codebook.weight.grad, want_cb, atol=1e-7)
@@ -100,9 +102,9 @@ def test_straight_through_gradient_is_identity():
     (out.quantized * w).sum().backward()
     assert torch.equal(z.grad, w)  # exactly the identity (losses not in this backward)
     assert vq.codebook.weight.grad is None  # and nothing reaches the codebook through the quantized value
-    assert torch.allclose(out.quantized, vq.decode(out.indices), atol=1e-6)
-    assert out.indices.shape == (2, 5, 3)
-    q = vq.decode(out.indices)
+    assert torch.allclose(out.quantized, vq.decode_ids(out.ids), atol=1e-6)
+    assert out.ids.shape == (2, 5, 3)
+    q = vq.decode_ids(out.ids)
     assert torch.equal(straight_through(z, q).detach(), (z + (q - z)).detach())
     cb, cm = vq_losses(z, q, 0.5)
     assert cm.item() == pytest.approx(0.5 * cb.item(), rel=1e-6)

@@ -123,3 +123,82 @@ def test_convert_file_usage_errors(tmp_path):
     assert json.loads(p.stdout)["provenance"]["ema_tensors"] > 0
     p = run_tok("convert", tmp_path / "nope.ckpt", "--family", "wetok", "--config", "x.yaml", "-o", tmp_path / "q")
     assert p.returncode == 1 and "no such file" in p.stderr.decode()
+
+
+def test_family_build_and_folder_round_trip(tmp_path):
+    """`Family.build(args)` is `Class(**args)`; `save_folder` writes model_args + folder_config; `from_folder` reads
+    it back strictly, into the family's class."""
+    import torch
+
+    from conftest import TINY_ARGS
+    from tokcli.core.model import TokModel
+    from tokcli.families.wetok.model import WeTok
+
+    torch.manual_seed(0)
+    model = registry.get_family("wetok").build(TINY_ARGS)
+    assert type(model) is WeTok and model.model_args["entropy_mode"] == "official"  # normalised
+    assert set(model.folder_config()) == {"tokens", "preprocess"}
+    folder = model.save_folder(tmp_path / "m", provenance={"source": "test"})
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_args"] == model.model_args and cfg["tokens"] == model.spec.to_dict()
+    assert cfg["preprocess"] == model.preprocess and cfg["decode"] == {} and folder.verify()
+    back = TokModel.from_folder(tmp_path / "m")
+    assert type(back) is WeTok and not back.training and back.name == "m"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(TokError, match="already exists"):
+        model.save_folder(tmp_path / "m")
+    model.save_folder(tmp_path / "m", overwrite=True)
+
+
+def test_check_overwrite(tmp_path):
+    from tokcli.core.atomic import check_overwrite
+
+    assert check_overwrite(tmp_path / "new", False) == tmp_path / "new"
+    with pytest.raises(TokError, match=r"already exists \(pass --overwrite to replace it\)"):
+        check_overwrite(tmp_path, False)
+    assert check_overwrite(str(tmp_path), True) == tmp_path
+
+
+@pytest.mark.parametrize("name", ["wetok-tiny", "kl-tiny", "coda-tiny"])
+def test_shipped_folders_are_package_data_and_load(name):
+    from tokcli.core.model import TokModel
+
+    folder = registry.resolve(name)
+    assert folder.path == registry.SHIPPED_DIR / name and folder.path.parent.parent.name == "tokcli"
+    model = TokModel.from_folder(folder)
+    assert model.family == folder.family and model.folder_config()["tokens"] == folder.config["tokens"]
+
+
+def test_tokenizer_decode_template_applies_defaults_once():
+    """The base class applies the folder's decode defaults and refuses sampler keywords the family does not take."""
+    import torch
+
+    from tokcli.families.base import TokenSpec, Tokenizer
+
+    class Toy(Tokenizer):
+        family = "toy"
+        sampler_options = ("steps", "cfg")
+        stochastic_decoder = True
+
+        def __init__(self, **model_args):
+            super().__init__()
+            self.model_args = {"image_size": 8, **model_args}
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        @property
+        def spec(self):
+            return TokenSpec(kind="latents", shape=(1, 1, 1), latent_dim=1, downsample=8)
+
+        def _decode(self, tokens, *, seed, noise, **sampler):
+            self.seen = {"seed": seed, **sampler}
+            return torch.full((1, 3, 8, 8), 5.0)
+
+    m = Toy()
+    m.decode_defaults = {"seed": 3, "steps": 10, "cfg": 1.5}
+    assert float(m.decode(torch.zeros(1, 1, 1, 1)).max()) == 1.0  # clamped by the base
+    assert m.seen == {"seed": 3, "steps": 10, "cfg": 1.5}
+    m.decode(torch.zeros(1, 1, 1, 1), seed=7, steps=2, cfg=None, clamp=False)
+    assert m.seen == {"seed": 7, "steps": 2, "cfg": 1.5}
+    with pytest.raises(TokUsageError, match="takes no sampler option order.*it takes: steps, cfg"):
+        m.decode(torch.zeros(1, 1, 1, 1), order=2)
+    assert m.preprocess == {"image_size": 8, "crop": "adm_center", "value_range": [-1, 1], "multiple_of": 8}

@@ -1,4 +1,5 @@
-"""The shipped demo models weights/kl-tiny and weights/coda-tiny through the CLI, on the shipped sample photos."""
+"""The shipped demo models tokcli/weights/kl-tiny and tokcli/weights/coda-tiny through the CLI, on the shipped
+sample photos."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def coda_files(tmp_path_factory):
 
 
 def test_coda_tiny_token_file_is_self_describing(coda_files):
-    cfg = json.loads((REPO / "weights" / "coda-tiny" / "config.json").read_text())
-    kl = json.loads((REPO / "weights" / "kl-tiny" / "config.json").read_text())
+    cfg = json.loads((REPO / "tokcli" / "weights" / "coda-tiny" / "config.json").read_text())
+    kl = json.loads((REPO / "tokcli" / "weights" / "kl-tiny" / "config.json").read_text())
     with np.load(coda_files / "codes.npz", allow_pickle=False) as z:
         idx = z["indices"]
         header = json.loads(str(z["header"][()]))

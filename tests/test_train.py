@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,17 +86,19 @@ def test_loss_falls(trained):
 
 def test_exported_folder_loads(trained):
     from tokcli.core.checkpoint import read_model_folder
-    from tokcli.families import build_from_folder
+    from tokcli.core.model import TokModel
 
     run, res = trained
     folder = read_model_folder(res["model_dir"])
     assert folder.verify()
-    model = build_from_folder(folder)
+    model = TokModel.from_folder(folder)
     t = folder.config["training"]
     assert t["perceptual"] == "none" and t["steps"] == 40 and t["weights"] == "ema"
     assert t["entropy_mode"] == "official" and t["data"]["num_images"] == 8
+    assert t["stage"] == 1 and t["objective"] == "reconstruction"
     card = (Path(res["model_dir"]) / "README.md").read_text()
-    assert "perceptual loss: none" in card and "8 images" in card
+    assert "perceptual loss: none" in card and "8 images" in card and "(stage 1)" in card
+    assert "1.0 x L1 + 0.1 x entropy (official) + 0.25 x commitment" in card and "## Tokens" in card
     # the export holds the EMA weights, which differ from the raw weights of the last checkpoint
     from safetensors.torch import load_file
     raw = load_file(str(Path(res["checkpoint"]) / "model.safetensors"))
@@ -138,17 +141,36 @@ def test_exact_resume(blobs, tmp_path):
                      _tensors(split / f"checkpoints/step-0000006/{name}.safetensors"), name)
     sa = torch.load(straight / "checkpoints/step-0000006/state.pt", weights_only=True)
     sb = torch.load(split / "checkpoints/step-0000006/state.pt", weights_only=True)
-    assert sa["lecam"] == sb["lecam"] and sa["lecam"]["ema_real"] != 0.0
-    for opt in ("opt_g", "opt_d"):
-        for pid, st in sa[opt]["state"].items():
-            for k, v in st.items():
-                assert torch.equal(v, sb[opt]["state"][pid][k]), (opt, pid, k)
+    _assert_same_state(sa, sb)
+    assert sa["objective"]["lecam"]["ema_real"] != 0.0
     # the metrics log of the split run (steps after the checkpoint were redone) equals the straight one
     strip = lambda ms: [{k: v for k, v in m.items() if k != "images_per_s"} for m in ms]  # noqa: E731
     assert strip(read_metrics(straight)) == strip(read_metrics(split))
     # resuming from a specific checkpoint folder also works; a finished run just re-exports
     again = train(r, resume=split / "checkpoints" / "step-0000006", progress=False)
     assert again["start_step"] == 6 and again["steps"] == 6
+
+    # a checkpoint written before objectives existed (opt_g / opt_d / lecam at the top of state.pt) resumes too
+    legacy = tmp_path / "legacy"
+    shutil.copytree(split / "checkpoints" / "step-0000003", legacy / "checkpoints" / "step-0000003")
+    state = torch.load(legacy / "checkpoints/step-0000003/state.pt", weights_only=True)
+    opts, obj_state = state.pop("optimizers"), state.pop("objective")
+    state.pop("format")
+    state.update(opt_g=opts["model"], opt_d=opts["disc"], lecam=obj_state["lecam"])
+    torch.save(state, legacy / "checkpoints/step-0000003/state.pt")
+    train(r, resume=legacy, progress=False)
+    _assert_same(_tensors(straight / "model" / "model.safetensors"), _tensors(legacy / "model" / "model.safetensors"),
+                 "exported model (legacy checkpoint)")
+
+
+def _assert_same_state(sa: dict, sb: dict):
+    """Two state.pt: same step, objective state and optimizer states, tensor for tensor."""
+    assert sa["step"] == sb["step"] and sa["objective"] == sb["objective"]
+    assert sa["optimizers"].keys() == sb["optimizers"].keys()
+    for opt, sd in sa["optimizers"].items():
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, sb["optimizers"][opt]["state"][pid][k]), (opt, pid, k)
 
 
 def test_refuses_to_mix_runs(blobs, tmp_path):
@@ -167,7 +189,7 @@ def test_stage2_generative_decoder(trained, blobs, tmp_path):
     """Stage 2 starts from the stage-1 folder: encoder frozen (unchanged), decoder gains noise inputs; resumes
     exactly."""
     from tokcli.core.checkpoint import read_model_folder
-    from tokcli.families import build_from_folder
+    from tokcli.core.model import TokModel
     from tokcli.train.trainer import train
 
     _, res1 = trained
@@ -190,11 +212,105 @@ def test_stage2_generative_decoder(trained, blobs, tmp_path):
     folder = read_model_folder(res["model_dir"])
     assert folder.config["model_args"]["generative_decoder"] is True
     assert folder.config["training"]["stage"] == 2
-    m1 = build_from_folder(read_model_folder(res1["model_dir"]))
-    m2 = build_from_folder(folder)
+    assert folder.config["decode"]["seed"] == 0
+    m1 = TokModel.from_folder(res1["model_dir"])
+    m2 = TokModel.from_folder(folder)
     for k, v in m1.encoder.state_dict().items():
         assert torch.equal(v, m2.encoder.state_dict()[k]), k
     assert m2.decoder.conv_in.weight.shape[1] == 2 * m1.decoder.conv_in.weight.shape[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loop takes any objective: a throw-away family with its own state and a second network
+# --------------------------------------------------------------------------------------------------------------
+from tokcli.core.model import TokModel  # noqa: E402
+from tokcli.train.objective import Objective  # noqa: E402
+
+
+class ToyModel(TokModel):
+    family = "toy"
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.model_args = {"width": int(width)}
+        self.enc = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.dec = torch.nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+class ToyObjective(Objective):
+    """Denoising whose noise level follows an EMA of the loss (state that exact resume must restore), noise from
+    the global RNG, and a 'critic' network that steps every other step."""
+
+    def __init__(self, recipe, **kw):
+        super().__init__(recipe, **kw)
+        self.level = 1.0
+        self._out = None
+
+    def build_networks(self, model_args):
+        return {"model": ToyModel(**(model_args or self.recipe.model.model_args)),
+                "critic": torch.nn.Conv2d(3, 1, 3)}
+
+    def phases(self, step):
+        return ["model", "critic"] if step % 2 else ["model"]
+
+    def loss(self, phase, nets, batch, micro, step):
+        if phase == "critic":
+            score = nets["critic"](self._out).mean() - nets["critic"](batch).mean()
+            return score, {"score": score.item()}
+        out = nets["model"](batch + self.level * torch.randn_like(batch))
+        loss = (out - batch).pow(2).mean()
+        self.level = 0.9 * self.level + 0.1 * loss.item()
+        self._out = out.detach()
+        return loss, {"mse": loss.item(), "level": self.level}
+
+    def state_dict(self):
+        return {"level": self.level}
+
+    def load_state_dict(self, state):
+        self.level = float(state["level"])
+
+    def loss_terms(self):
+        return ["MSE (adaptive noise)"]
+
+
+@pytest.fixture
+def toy_family():
+    from tokcli.core.family import Family
+    from tokcli.core.registry import register_family, unregister_family
+
+    register_family(Family(name="toy", model="test_train:ToyModel", objectives={"denoise": "test_train:ToyObjective"},
+                           card={"About": "a test family"}), replace=True)
+    yield
+    unregister_family("toy")
+
+
+def test_any_objective_with_state_resumes_exactly(toy_family, blobs, tmp_path):
+    from tokcli.train.trainer import train
+
+    r = recipe_from_dict({
+        "model": {"family": "toy", "model_args": {"width": 4}},
+        "data": {"roots": [str(blobs)], "crop_size": 16, "batch_size": 2},
+        "optim": {"lr": 1e-2, "max_steps": 4, "ema_decay": 0.5},
+        "run": {"log_every": 1, "ckpt_every": 2, "device": "cpu"},
+    }, source="toy.toml")
+    straight = train(r, output_dir=tmp_path / "straight", progress=False)
+    train(r, output_dir=tmp_path / "split", max_steps=2, progress=False)
+    split = train(r, resume=tmp_path / "split", progress=False)
+    assert split["start_step"] == 2 and straight["final_losses"] == split["final_losses"]
+    assert "score" in split["final_losses"] and "grad_norm" not in split["final_losses"]
+    a, b = tmp_path / "straight/checkpoints/step-0000004", tmp_path / "split/checkpoints/step-0000004"
+    for name in ("model", "critic", "ema"):
+        _assert_same(_tensors(a / f"{name}.safetensors"), _tensors(b / f"{name}.safetensors"), name)
+    sa, sb = (torch.load(d / "state.pt", weights_only=True) for d in (a, b))
+    _assert_same_state(sa, sb)
+    assert sa["objective"]["level"] != 1.0 and set(sa["optimizers"]) == {"model", "critic"}
+    model = TokModel.from_folder(straight["model_dir"])
+    assert isinstance(model, ToyModel) and model.model_args == {"width": 4}
+    card = (Path(straight["model_dir"]) / "README.md").read_text()
+    assert "loss: MSE (adaptive noise)" in card and "## About" in card and "objective: `denoise`" in card
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,19 +458,57 @@ def test_recipe_bad_types_and_values(tmp_path):
     assert r.optim.lr == 1.0 and isinstance(r.optim.lr, float) and r.optim.betas == [0.5, 0.9]
 
 
+def test_recipe_family_sections(tmp_path):
+    """[loss] takes the shared keys plus the family's own; another family's key is refused in one line."""
+    from tokcli.families.coda.objective import CodaLoss
+    from tokcli.families.kl.objective import KLLoss
+    from tokcli.families.wetok.objective import WeTokLoss
+
+    assert type(load_recipe(_write(tmp_path, BASE + "[loss]\ncommitment_weight = 0.5\n")).loss) is WeTokLoss
+    p = _write(tmp_path, BASE + "[loss]\nkl_weight = 1e-6\n")
+    with pytest.raises(TokUsageError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "'kl_weight'" in msg and "[loss]" in msg and str(p) in msg and "kl family" in msg and "\n" not in msg
+    kl = BASE.replace('family = "wetok"', 'family = "kl"')
+    with pytest.raises(TokUsageError, match=r"'commitment_weight' in \[loss\] is a key of the wetok family"):
+        load_recipe(_write(tmp_path, kl + "[loss]\ncommitment_weight = 0.5\n"))
+    with pytest.raises(TokUsageError, match=r"unknown key 'nonsense' in \[loss\]"):
+        load_recipe(_write(tmp_path, kl + "[loss]\nnonsense = 0.5\n"))
+    r = load_recipe(_write(tmp_path, kl + "[loss]\nkl_weight = 0.5\nl1_weight = 2\n"))
+    assert type(r.loss) is KLLoss and r.loss.kl_weight == 0.5 and r.loss.l1_weight == 2.0
+    coda = BASE.replace('family = "wetok"', 'family = "coda"')
+    assert type(load_recipe(_write(tmp_path, coda + "[loss]\nvq_weight = 2\n")).loss) is CodaLoss
+    # family values are checked by the family's section; model.objective names one of the family's objectives
+    with pytest.raises(TokUsageError, match="loss.entropy_mode"):
+        load_recipe(_write(tmp_path, BASE + "[loss]\nentropy_mode = \"fancy\"\n"))
+    with pytest.raises(TokUsageError, match="loss.vq_weight"):
+        load_recipe(_write(tmp_path, coda + "[loss]\nvq_weight = -1\n"))
+    with pytest.raises(TokUsageError, match=r"'model.objective' 'flow' is not an objective of the wetok family"):
+        load_recipe(_write(tmp_path, BASE.replace("[data]", 'objective = "flow"\n[data]')))
+    r = load_recipe(_write(tmp_path, BASE.replace("[data]", 'objective = "reconstruction"\n[data]')))
+    assert r.model.objective == "reconstruction"
+    with pytest.raises(TokUsageError, match="unknown model family 'nope'"):
+        load_recipe(_write(tmp_path, BASE.replace('family = "wetok"', 'family = "nope"')))
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_parse(path):
-    from tokcli.families import get_family
+    """Every shipped recipe parses, round-trips through to_dict and builds its model through its objective (on
+    the meta device: no memory; a model built around a shipped base, CODA on kl-tiny, for real)."""
+    from tokcli.core.registry import get_family
 
     r = load_recipe(path)
-    fam = get_family(r.model.family)
-    if r.model.init_from and not r.stage2:  # a model built around a shipped base (CODA on weights/kl-tiny)
-        from tokcli.core.checkpoint import read_model_folder
-
-        model = fam.init_model(r.model.model_args, read_model_folder(REPO / r.model.init_from))
+    assert recipe_from_dict(r.to_dict(), source=r.source) == r
+    obj = get_family(r.model.family).objective(r.model.objective)(r)
+    if r.stage2:  # starts from a stage-1 run folder that does not exist here
+        return
+    if r.model.init_from:
+        model = obj.build_model(None)
         assert model.model_args["image_size"] == r.data.crop_size
-    elif not r.stage2:
-        fam.normalize_model_args(r.model.model_args)
+    else:
+        with torch.device("meta"):
+            obj.build_model(None)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from tokcli.core.checkpoint import read_model_folder
+from tokcli.core.model import TokModel
 from tokcli.errors import TokError
-from tokcli.families import build_from_folder
-from tokcli.families.wetok import build, convert_official, official_model_args
+from tokcli.families.wetok.convert import convert_official
+from tokcli.families.wetok.model import WeTok, official_model_args
 
 from conftest import PARITY as PARITY_ROOT
 
@@ -36,7 +36,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(folders):
-    return {k: build_from_folder(read_model_folder(folders[k].path)) for k in ("plain", "gd")}
+    return {k: TokModel.from_folder(folders[k].path) for k in ("plain", "gd")}
 
 
 def _check_parity(model, expected, prefix):
@@ -134,7 +134,7 @@ def test_batch_independence(models, expected):
 
 def test_extend_to_generative_keeps_outputs():
     torch.manual_seed(0)
-    m = build(SMALL).eval()
+    m = WeTok(**SMALL).eval()
     gd = m.extend_to_generative()
     assert gd.stochastic_decoder and not m.stochastic_decoder
     assert gd.model_args["generative_decoder"] and gd.decoder.conv_in.weight.shape[1] == 32
@@ -147,13 +147,13 @@ def test_extend_to_generative_keeps_outputs():
     assert torch.equal(gd.encode(x), tok)
     assert (out - ref).abs().max().item() <= 1e-5 and (out2 - ref).abs().max().item() <= 1e-5
     # the extended model's weights load into a freshly built GD model
-    fresh = build({**SMALL, "generative_decoder": True})
+    fresh = WeTok(**{**SMALL, "generative_decoder": True})
     fresh.load_state_dict(gd.state_dict(), strict=True)
 
 
 def test_training_forward_and_freeze():
     torch.manual_seed(0)
-    m = build({**SMALL, "entropy_mode": "paper"}).train()
+    m = WeTok(**{**SMALL, "entropy_mode": "paper"}).train()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     recon, aux = m(x)
     assert recon.shape == x.shape and aux["indices"].shape == (2, 8, 8, 2)
@@ -169,7 +169,7 @@ def test_training_forward_and_freeze():
 
 
 def test_spec_and_preprocess_ds16():
-    m = build({"ch": 32, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "z_channels": 32, "groups": 4})
+    m = WeTok(**{"ch": 32, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "z_channels": 32, "groups": 4})
     spec = m.spec
     assert spec.shape_for(256, 256) == (16, 16, 4)
     assert spec.shape == (16, 16, 4) and spec.codebook_size == 256 and spec.downsample == 16
@@ -179,11 +179,11 @@ def test_spec_and_preprocess_ds16():
 
 def test_model_args_validation():
     with pytest.raises(TokError, match="z_channels"):
-        build({**TINY, "z_channels": 24})
+        WeTok(**{**TINY, "z_channels": 24})
     with pytest.raises(TokError, match="unknown"):
-        build({**TINY, "bogus": 1})
+        WeTok(**{**TINY, "bogus": 1})
     with pytest.raises(TokError, match="power of two"):
-        build({**TINY, "codebook_size": 200})
+        WeTok(**{**TINY, "codebook_size": 200})
     args = official_model_args({"ddconfig": {"ch": 256, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 4,
                                              "z_channels": 64, "double_z": False}, "embed_dim": 64,
                                 "n_embed": 256, "num_codebooks": 8})
@@ -191,7 +191,7 @@ def test_model_args_validation():
 
 
 def test_decode_rejects_bad_tokens():
-    m = build(TINY).eval()
+    m = WeTok(**TINY).eval()
     with pytest.raises(TokError, match="invalid wetok tokens"):
         m.decode(torch.full((1, 4, 4, 2), 256))
     with pytest.raises(TokError):
@@ -218,7 +218,7 @@ def test_convert_errors(tmp_path):
     with pytest.raises(TokError, match="config"):
         convert_official(notlightning, None, tmp_path / "out")
     # a checkpoint that does not match the architecture names the offending tensor
-    small = build({**TINY, "ch": 64})
+    small = WeTok(**{**TINY, "ch": 64})
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"state_dict": small.state_dict()}, wrong)
     with pytest.raises(TokError, match="encoder.conv_in.weight"):
@@ -262,13 +262,9 @@ def test_adaptive_group_norm_values():
 
 
 def test_gd_per_image_seeds_do_not_depend_on_batching():
-    import torch
-
-    from tokcli.families.wetok import build
-
     torch.manual_seed(0)
-    m = build({"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 16, "groups": 2,
-               "generative_decoder": True, "image_size": 16}).eval()
+    m = WeTok(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=16, groups=2, generative_decoder=True,
+              image_size=16).eval()
     tokens = torch.randint(0, 256, (3, 8, 8, 2))
     with torch.inference_mode():
         whole = m.decode(tokens, seed=[10, 11, 12])

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tokcli.core.atomic import check_overwrite
 from tokcli.core.checkpoint import ModelFolder
-from tokcli.core.registry import converted_dir, get_entry
+from tokcli.core.registry import converted_dir, get_entry, get_family
 from tokcli.errors import MissingWeightsError, TokError, TokUsageError
-from tokcli.families import get_family
 
 
 def fetch_release(entry) -> dict[str, Path]:
@@ -103,9 +103,7 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
         family = entry.family
         model_args = dict(entry.model_args)
         name = name or entry.name
-        dest = Path(output) if output else converted_dir(entry.name)
-        if dest.exists() and not overwrite:  # before any download
-            raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
+        dest = check_overwrite(output or converted_dir(entry.name), overwrite)  # before any download
         fetched = fetch_release(entry)
         ckpt = fetched.pop("checkpoint")
         extra_files = fetched
@@ -115,9 +113,8 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
         if extra_files:
             prov["hub_files"] = {f.role: f"hf-hub:{f.repo}/{f.filename}" + (f"@{f.revision}" if f.revision else "")
                                  for f in entry.release_files()[1:]}
-    if dest.exists() and not overwrite:
-        raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
-    converter = get_family(family).convert_checkpoint
+    check_overwrite(dest, overwrite)
+    converter = get_family(family).converter("checkpoint")
     # only families whose releases span several files take `files` (role -> path); WeTok's converter does not
     kw = {"files": extra_files} if extra_files else {}
     return converter(ckpt, config, dest, name=name, model_args=model_args, provenance=prov, overwrite=overwrite, **kw)

@@ -4,6 +4,11 @@ failure reported. The CLI only parses options and calls these functions.
 Determinism: tokens do not depend on batch size; stochastic decoders draw each image's noise from its own
 generator seeded with ``seed + index`` (index = position in the token file), so results replay exactly whatever the
 batching.
+
+Run settings are arguments, never attributes set on the model: ``precision`` ("fp32" / "tf32"; None leaves the
+process's maths settings alone, e.g. when a caller has set them) is applied here and recorded in the token header;
+``sampler`` (e.g. ``{"steps": 8, "cfg": 2.0}``) goes to ``model.decode(..., **sampler)``, which refuses keywords its
+family does not take.
 """
 
 from __future__ import annotations
@@ -11,12 +16,12 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from tokcli import __version__
 from tokcli.errors import TokError, TokUsageError
+from tokcli.version import __version__
 
 
 @dataclass
@@ -47,7 +52,28 @@ def model_ref(name_or_path: str | None, model) -> str:
     return ref
 
 
-def token_header(model, ref: str, size: int) -> dict[str, Any]:
+def apply_precision(model, precision: str | None) -> str:
+    """Set the maths precision for this run (None: keep the current settings) and return the one in effect on the
+    model's device ("tf32" only on CUDA with TF32 allowed)."""
+    import torch
+
+    from tokcli.core.device import set_precision
+
+    if precision is not None:
+        set_precision(precision)
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return "tf32" if model.device.type == "cuda" and tf32 else "fp32"
+
+
+def check_sampler(model, sampler: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sampler keywords for ``model.decode``, refused up front (before any image is read or written) when the
+    family does not take them (:class:`TokUsageError`, exit code 2)."""
+    sampler = {k: v for k, v in (sampler or {}).items() if v is not None}
+    model.sampler_kwargs(sampler)
+    return sampler
+
+
+def token_header(model, ref: str, size: int, precision: str = "fp32") -> dict[str, Any]:
     spec = model.spec.to_dict()
     spec["shape"] = list(model.spec.shape_for(size, size))
     pre = dict(model.preprocess)
@@ -58,7 +84,7 @@ def token_header(model, ref: str, size: int) -> dict[str, Any]:
         "family": model.family,
         "tokens": spec,
         "preprocess": pre,
-        "precision": getattr(model, "precision", "fp32"),
+        "precision": precision,
         "tok_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -112,11 +138,12 @@ def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet,
 
 
 def encode(model, items, *, ref: str, output: str | Path, image_size: int | None = None, batch_size: int = 8,
-           workers: int = 0, skip_errors: bool = False, quiet: bool = False) -> Result:
+           workers: int = 0, skip_errors: bool = False, quiet: bool = False, precision: str | None = None) -> Result:
     """Encode images to a token file written atomically at ``output`` (``-`` = stdout)."""
     from tokcli.core.tokens import write_token_file
 
     size = image_size_for(model, image_size)
+    precision = apply_precision(model, precision)
     res = Result()
     chunks = []
     for keys, _, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
@@ -126,13 +153,14 @@ def encode(model, items, *, ref: str, output: str | Path, image_size: int | None
         raise TokError("no image could be encoded" + (f" ({len(res.errors)} failed)" if res.errors else ""))
     res.tokens = np.concatenate(chunks)
     kind = model.spec.kind
-    write_token_file(output, header=token_header(model, ref, size), keys=res.keys, **{kind: res.tokens})
+    write_token_file(output, header=token_header(model, ref, size, precision), keys=res.keys, **{kind: res.tokens})
     return res
 
 
-def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=None):
+def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=None, sampler=None):
     """Decode one batch; stochastic decoders seed image i with ``seed + start + i`` (its index in the file), or
-    with ``seed + positions[i]`` when the caller knows the images' global positions (sharded runs)."""
+    with ``seed + positions[i]`` when the caller knows the images' global positions (sharded runs). ``sampler``:
+    keywords for ``model.decode``."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(tokens))
@@ -142,8 +170,8 @@ def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=No
         if model.stochastic_decoder:
             seeds = ([seed + p for p in positions] if positions is not None else
                      [seed + start + i for i in range(len(tokens))])
-            return model.decode(t, seed=seeds)
-        return model.decode(t)
+            return model.decode(t, seed=seeds, **(sampler or {}))
+        return model.decode(t, **(sampler or {}))
 
 
 def _write_pngs(out_dir: Path, keys: Iterable[str], images, res: Result) -> None:
@@ -157,9 +185,11 @@ def _write_pngs(out_dir: Path, keys: Iterable[str], images, res: Result) -> None
 
 
 def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed: int = 0, force: bool = False,
-           quiet: bool = False) -> Result:
+           quiet: bool = False, precision: str | None = None, sampler: Mapping[str, Any] | None = None) -> Result:
     """Decode a token file (already read) into PNGs under ``out_dir``, mirroring the keys."""
     check_header(model, token_file.header, force=force)
+    sampler = check_sampler(model, sampler)
+    apply_precision(model, precision)
     res = Result(keys=list(token_file.keys))
     arr = token_file.array
     out_dir = Path(out_dir)
@@ -169,7 +199,7 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
     bar = _progress(len(arr), "decode", quiet)
     try:
         for s in range(0, len(arr), batch_size):
-            imgs = _decode_batch(model, arr[s:s + batch_size], s, seed)
+            imgs = _decode_batch(model, arr[s:s + batch_size], s, seed, sampler=sampler)
             _write_pngs(out_dir, res.keys[s:s + batch_size], imgs, res)
             bar.update(len(imgs))
     finally:
@@ -179,16 +209,20 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
 
 def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = None, batch_size: int = 8,
                 workers: int = 0, seed: int = 0, skip_errors: bool = False, quiet: bool = False,
-                on_batch=None, positions: dict[str, int] | None = None) -> Result:
+                on_batch=None, positions: dict[str, int] | None = None, precision: str | None = None,
+                sampler: Mapping[str, Any] | None = None) -> Result:
     """encode -> decode through exactly the code path of `tok encode` + `tok decode` (bit-identical results).
 
     ``on_batch(keys, originals, recon, tokens)`` is called for every batch with the uint8 originals after the crop
     [B, H, W, 3], the decoder output (float tensor [B, 3, H, W] in [-1, 1]) and the tokens (numpy): metrics stream
     through it, so memory does not grow with the number of images. ``out_dir=None`` writes no PNGs.
     ``positions`` (key -> index in the whole input list) seeds stochastic decoders by global position, so a shard
-    of a distributed run draws the same noise as a single process (when no input fails).
+    of a distributed run draws the same noise as a single process (when no input fails). ``precision`` and
+    ``sampler`` as in :func:`encode` / :func:`decode`.
     """
     size = image_size_for(model, image_size)
+    sampler = check_sampler(model, sampler)
+    apply_precision(model, precision)
     res = Result()
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
@@ -199,7 +233,7 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
         start = len(res.keys)
         res.keys.extend(keys)
         recon = _decode_batch(model, tok.cpu().numpy(), start, seed,
-                              [positions[k] for k in keys] if positions is not None else None)
+                              [positions[k] for k in keys] if positions is not None else None, sampler)
         if out_dir is not None:
             _write_pngs(out_dir, keys, recon, res)
         if on_batch is not None:

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli import __version__
 from tokcli.cli import bench, codec, convert, train
 from tokcli.cli.common import cli_errors, print_json
+from tokcli.version import __version__
 
 app = typer.Typer(
     name="tok",

@@ -7,21 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli.common import (BatchOpt, DeviceOpt, ModelOpt, PrecisionOpt, QuietOpt, SeedOpt, SizeOpt, SkipOpt, WorkersOpt,
-                               cli_errors, err, report_failures)
+from tokcli.cli.common import (BatchOpt, CfgOpt, DeviceOpt, ModelOpt, PrecisionOpt, QuietOpt, SamplerOpt, SeedOpt,
+                               SizeOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err, report_failures,
+                               sampler_options)
 
 InputsArg = Annotated[list[str], typer.Argument(help="image files and/or folders (searched recursively); "
                                                      "- reads a list of paths from stdin")]
 
 
-def _load(model: Optional[str], device: str, precision: str = "fp32"):
+def _load(model: Optional[str], device: str, precision: str):
+    """The model, loaded under the run's precision (loading may compute, e.g. CODA fuses its LoRA)."""
     import tokcli
     from tokcli.core.device import set_precision
 
     set_precision(precision)
-    tok = tokcli.load(model, device=device)
-    tok.precision = precision
-    return tok
+    return tokcli.load(model, device=device)
 
 
 def _items(inputs: list[str]):
@@ -49,7 +49,8 @@ def encode_cmd(
         items = _items(inputs)
         tok = _load(model, device, precision)
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
-                              batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
+                              batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet,
+                              precision=precision)
         if output != "-":
             err(f"encoded {len(res.keys)} image(s) with {tok.name} -> {output}")
         report_failures(res.errors)
@@ -64,6 +65,9 @@ def decode_cmd(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    sampler: SamplerOpt = None,
     precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ):
@@ -72,9 +76,11 @@ def decode_cmd(
         from tokcli import pipeline
         from tokcli.core.tokens import read_token_file
 
+        options = sampler_options(steps, cfg, sampler)
         tf = read_token_file(tokens)
         tok = _load(model or tf.header.get("model"), device, precision)
-        res = pipeline.decode(tok, tf, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet)
+        res = pipeline.decode(tok, tf, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet,
+                              precision=precision, sampler=options)
         err(f"decoded {len(res.written)} image(s) with {tok.name} -> {output}")
 
 
@@ -87,6 +93,9 @@ def reconstruct_cmd(
     workers: WorkersOpt = 0,
     image_size: SizeOpt = None,
     seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    sampler: SamplerOpt = None,
     skip_errors: SkipOpt = False,
     precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
@@ -95,9 +104,11 @@ def reconstruct_cmd(
     with cli_errors():
         from tokcli import pipeline
 
+        options = sampler_options(steps, cfg, sampler)
         items = _items(inputs)
         tok = _load(model, device, precision)
         res = pipeline.reconstruct(tok, items, output, image_size=image_size, batch_size=batch_size,
-                                   workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet)
+                                   workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet,
+                                   precision=precision, sampler=options)
         err(f"reconstructed {len(res.written)} image(s) with {tok.name} -> {output}")
         report_failures(res.errors)

@@ -7,11 +7,11 @@ import json
 import os
 import sys
 import traceback
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from tokcli.errors import TokError
+from tokcli.errors import TokError, TokUsageError
 
 # Common options (Annotated aliases keep every command's signature short and consistent).
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="registry name, local-dir:PATH, hf-hub:org/repo or a "
@@ -27,6 +27,34 @@ SkipOpt = Annotated[bool, typer.Option("--skip-errors", help="process the good i
 PrecisionOpt = Annotated[str, typer.Option("--precision", "--dtype", help="fp32 (exact, reproducible tokens) or tf32 (CUDA "
                                                                 "tensor cores: much faster, ~0.5% of tokens differ)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="sampling steps of a generative decoder "
+                                                                         "[default: the model's]")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="classifier-free guidance scale of a generative "
+                                                               "decoder [default: the model's]")]
+SamplerOpt = Annotated[Optional[list[str]], typer.Option("--sampler", metavar="KEY=VALUE",
+                                                         help="another decoder sampler option (repeatable); VALUE "
+                                                              "is read as JSON when it parses, else as text")]
+
+
+def sampler_options(steps: int | None, cfg: float | None, pairs: list[str] | None) -> dict[str, Any]:
+    """``--steps``, ``--cfg`` and ``--sampler KEY=VALUE`` -> the keywords for ``model.decode``. Whether the model's
+    family takes them is checked by the model (a usage error, exit code 2)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise TokUsageError(f"--sampler takes KEY=VALUE (e.g. --sampler steps=8), got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    for key, value in (("steps", steps), ("cfg", cfg)):
+        if value is not None:
+            if key in out and out[key] != value:
+                raise TokUsageError(f"--{key} {value} contradicts --sampler {key}={out[key]}")
+            out[key] = value
+    return out
 
 
 def err(msg: str) -> None:

@@ -1,4 +1,5 @@
-"""`tok train`: one trainer for every family, driven by a TOML recipe."""
+"""`tok train`: one training loop for every family, driven by a TOML recipe (what it optimises is the family's
+objective, ``tokcli/train/objective.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def train_cmd(
                                                                    "run folder (or this checkpoint folder)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ):
-    """Train a tokenizer; checkpoints resume exactly; the final EMA weights are exported as a model folder."""
+    """Train a model with its family's objective; checkpoints resume exactly; the final EMA weights are exported as a
+    model folder."""
     with cli_errors():
         from tokcli.train.recipe import load_recipe
         from tokcli.train.trainer import train

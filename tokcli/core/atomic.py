@@ -11,6 +11,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from tokcli.errors import TokError
+
+
+def check_overwrite(dest: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to replace an existing output unless ``overwrite`` (the ``--overwrite`` flag); returns ``dest`` as a
+    Path. Every writer of a whole output (model folders, converted checkpoints) checks through this one function."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
+    return dest
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:

@@ -91,9 +91,20 @@ class TokModel(nn.Module):
                     provenance: Mapping[str, Any] | None = None, card: str | None = None,
                     extra: Mapping[str, Any] | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
                     overwrite: bool = False) -> ModelFolder:
-        """Write this model as a folder (atomically). ``state_dict`` overrides the weights written (e.g. EMA)."""
+        """Write this model as a folder (atomically): ``model_args``, :meth:`folder_config`, ``decode_defaults``
+        and the weights (``state_dict`` overrides them, e.g. EMA). ``card`` is the model card's markdown body; the
+        family's own card sections (``Family.card``) are appended to it."""
         return save_model_folder(
             Path(dest), family=self.family, model_args=self.model_args,
             state_dict=self.state_dict() if state_dict is None else state_dict, name=name or self.name or None,
-            decode=self.decode_defaults, provenance=provenance, card=card, extra=extra, overwrite=overwrite,
-            **self.folder_config())
+            decode=self.decode_defaults, provenance=provenance, card=self._card(card), extra=extra,
+            overwrite=overwrite, **self.folder_config())
+
+    def _card(self, body: str | None) -> str | None:
+        from tokcli.core.registry import families
+
+        fam = families().get(self.family)
+        sections = "".join(f"\n## {title}\n\n{text.strip()}\n" for title, text in (fam.card if fam else {}).items())
+        if not sections:
+            return body
+        return (body or f"# {self.name or self.family}\n").rstrip("\n") + "\n" + sections

@@ -19,55 +19,26 @@ A sharded set is a folder with ``manifest.json`` = {"tok_format": 1, "header": {
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import math
 import os
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from tokcli.core.atomic import atomic_path, atomic_write_text
 from tokcli.core.checkpoint import sha256_file
+from tokcli.core.token_reader import (MANIFEST, PAYLOADS, TOK_FORMAT, TokenFile, bytes_report, read_token_file,
+                                      unpack_bits)
 from tokcli.errors import TokError
+from tokcli.version import __version__
 
-TOK_FORMAT = 1
-PAYLOADS = ("indices", "bits", "latents")
-MANIFEST = "manifest.json"
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-
-
-@dataclass
-class TokenFile:
-    """A validated token file (or a whole sharded set, concatenated).
-
-    ``array`` is [N, *shape]: unsigned integer indices, unpacked 0/1 uint8 bits, or float latents.
-    """
-
-    header: dict[str, Any]
-    keys: list[str]
-    kind: str
-    array: np.ndarray
-    labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """The token spec stored in the header (TokenSpec.to_dict() form)."""
-        return self.header["tokens"]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Per-image token shape."""
-        return tuple(self.array.shape[1:])
-
+# the token-file API in one place: writing here, reading in token_reader
+__all__ = ["MANIFEST", "PAYLOADS", "TOK_FORMAT", "TokenFile", "bytes_report", "index_dtype", "pack_bits",
+           "read_token_file", "unpack_bits", "write_manifest", "write_token_file", "write_token_set"]
 
 # --------------------------------------------------------------------------------------------------------
 # bits
@@ -84,11 +55,6 @@ def pack_bits(bits: np.ndarray) -> tuple[np.ndarray, int]:
             raise ValueError("bits must contain only 0 and 1")
         bits = bits.astype(np.bool_)
     return np.packbits(bits, axis=-1), int(bits.shape[-1])
-
-
-def unpack_bits(packed: np.ndarray, bit_count: int) -> np.ndarray:
-    """Inverse of pack_bits: uint8 [..., ceil(B/8)] -> uint8 0/1 [..., B]."""
-    return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1, count=int(bit_count))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -135,10 +101,7 @@ def _build_arrays(header: dict, keys: Sequence[str], indices, bits, latents, lab
 
     header = dict(header)
     header.setdefault("tok_format", TOK_FORMAT)
-    if "tok_version" not in header:
-        from tokcli import __version__
-
-        header["tok_version"] = __version__
+    header.setdefault("tok_version", __version__)
     header.setdefault("created", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     tokens = dict(header.get("tokens") or {})
     if tokens.get("kind", kind) != kind:
@@ -248,291 +211,3 @@ def write_token_set(directory: str | os.PathLike, *, header: dict, keys: Sequenc
                          labels=None if labels is None else labels[sl], **{k: v[sl] for k, v in full.items()})
         names.append(name)
     return write_manifest(directory, names)
-
-
-# --------------------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------------------
-def _open_source(path: str | os.PathLike) -> tuple[BinaryIO, str, int]:
-    """(binary file object, name for messages, size in bytes)."""
-    if str(path) == "-":
-        data = sys.stdin.buffer.read()
-        return io.BytesIO(data), "<stdin>", len(data)
-    p = Path(path)
-    try:
-        f = open(p, "rb")
-    except FileNotFoundError:
-        raise TokError(f"no such token file: {p}") from None
-    except OSError as e:
-        raise TokError(f"cannot read {p}: {e.strerror or e}") from None
-    return f, str(p), os.fstat(f.fileno()).st_size
-
-
-def _load_members(f: BinaryIO, name: str, size: int) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, refusing pickles; every failure is a one-line TokError."""
-    if size == 0:
-        raise TokError(f"{name} is empty (0 bytes), not a token file")
-    magic = f.read(4)
-    f.seek(0)
-    if magic not in _ZIP_MAGIC:
-        raise TokError(f"{name} is not a token file (not an .npz archive)")
-    try:
-        with np.load(f, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except ValueError as e:
-        if "pickle" in str(e) or "Object arrays" in str(e):
-            raise TokError(f"{name} contains Python objects (pickled arrays are refused)") from None
-        raise TokError(f"{name} is damaged ({' '.join(str(e).split())})") from None
-    except MemoryError:
-        raise TokError(f"{name}: out of memory while reading") from None
-    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, zlib.error, ... from damaged archives
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise TokError(f"{name} is damaged or truncated ({reason})") from None
-
-
-def _parse_header(raw: np.ndarray | None, name: str) -> dict:
-    if raw is None:
-        raise TokError(f"{name} has no header (not a tok token file)")
-    if raw.ndim != 0 or raw.dtype.kind not in "US":
-        raise TokError(f"{name}: header must be a single string, got a {raw.dtype} array of shape {raw.shape}")
-    text = raw.item()
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TokError(f"{name}: header is not valid JSON ({e.msg} at char {e.pos})") from None
-    if not isinstance(header, dict):
-        raise TokError(f"{name}: header is not a JSON object")
-    _check_format(header.get("tok_format"), name)
-    return header
-
-
-def _check_format(fmt, name: str) -> None:
-    if fmt is None:
-        raise TokError(f"{name}: header has no tok_format (not a tok token file)")
-    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
-        raise TokError(f"{name}: tok_format {fmt!r} is not valid")
-    if fmt > TOK_FORMAT:
-        raise TokError(f"{name} uses token format {fmt}, newer than this tok reads ({TOK_FORMAT}): upgrade tok")
-
-
-def _first_duplicate(keys: Sequence[str]) -> str | None:
-    seen: set[str] = set()
-    for k in keys:
-        if k in seen:
-            return k
-        seen.add(k)
-    return None
-
-
-def _validate(members: dict[str, np.ndarray], name: str) -> TokenFile:
-    header = _parse_header(members.get("header"), name)
-    keys_arr = members.get("keys")
-    if keys_arr is None:
-        raise TokError(f"{name} has no keys array")
-    if keys_arr.ndim != 1 or keys_arr.dtype.kind != "U":
-        raise TokError(f"{name}: keys must be a 1-D string array, got {keys_arr.dtype} of shape {keys_arr.shape}")
-    present = [k for k in PAYLOADS if k in members]
-    if len(present) != 1:
-        what = "no payload" if not present else f"{len(present)} payloads ({', '.join(present)})"
-        raise TokError(f"{name} has {what}; a token file holds exactly one of indices, bits, latents")
-    kind = present[0]
-    arr = members[kind]
-    if arr.ndim < 1:
-        raise TokError(f"{name}: {kind} must have an image axis, got a scalar")
-    n = arr.shape[0]
-    if len(keys_arr) != n:
-        raise TokError(f"{name} has {len(keys_arr)} keys but {n} images of {kind}")
-    keys = keys_arr.tolist()
-    dup = _first_duplicate(keys)
-    if dup is not None:
-        raise TokError(f"{name}: key {dup!r} appears more than once")
-
-    tokens = header.get("tokens")
-    if not isinstance(tokens, dict) or "shape" not in tokens:
-        raise TokError(f"{name}: header has no token spec (tokens.shape)")
-    if tokens.get("kind", kind) != kind:
-        raise TokError(f"{name}: header says {tokens['kind']!r} tokens but the file holds {kind}")
-    try:
-        want = tuple(int(s) for s in tokens["shape"])
-    except (TypeError, ValueError):
-        raise TokError(f"{name}: header token shape {tokens['shape']!r} is not a list of integers") from None
-
-    if kind == "indices":
-        if arr.dtype.kind not in "ui":
-            raise TokError(f"{name}: indices have dtype {arr.dtype}; expected unsigned integers")
-        if tuple(arr.shape[1:]) != want:
-            raise TokError(f"{name}: indices have per-image shape {tuple(arr.shape[1:])} but the header says {want}")
-        if arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < 0:
-                raise TokError(f"{name}: negative index {lo}")
-            cb = tokens.get("codebook_size")
-            if cb is not None and hi >= int(cb):
-                raise TokError(f"{name}: index {hi} is outside the codebook of {cb}")
-    elif kind == "bits":
-        count = header.get("bit_count")
-        if not isinstance(count, int) or count <= 0:
-            raise TokError(f"{name}: a bit file needs a positive integer bit_count in its header")
-        if arr.dtype != np.uint8:
-            raise TokError(f"{name}: packed bits have dtype {arr.dtype}; expected uint8")
-        if not want or want[-1] != count:
-            raise TokError(f"{name}: header token shape {want} disagrees with bit_count {count}")
-        if tuple(arr.shape[1:]) != (*want[:-1], math.ceil(count / 8)):
-            raise TokError(f"{name}: packed bits have per-image shape {tuple(arr.shape[1:])}, expected "
-                           f"{(*want[:-1], math.ceil(count / 8))} for {want}")
-        arr = unpack_bits(arr, count)
-    else:
-        if arr.dtype.kind != "f":
-            raise TokError(f"{name}: latents have dtype {arr.dtype}; expected floats")
-        if tuple(arr.shape[1:]) != want:
-            raise TokError(f"{name}: latents have per-image shape {tuple(arr.shape[1:])} but the header says {want}")
-
-    labels = members.get("labels")
-    if labels is not None and (labels.ndim < 1 or labels.shape[0] != n):
-        raise TokError(f"{name}: labels have shape {labels.shape} but there are {n} images")
-    return TokenFile(header=header, keys=keys, kind=kind, array=arr, labels=labels)
-
-
-def _read_one(path: str | os.PathLike) -> tuple[TokenFile, dict[str, int], int]:
-    f, name, size = _open_source(path)
-    with f:
-        members = _load_members(f, name, size)
-    tf = _validate(members, name)
-    return tf, {k: int(v.nbytes) for k, v in members.items()}, size
-
-
-def _is_set(path) -> Path | None:
-    if str(path) == "-":
-        return None
-    p = Path(path)
-    if p.is_dir():
-        return p
-    if p.name == MANIFEST and p.is_file():
-        return p.parent
-    return None
-
-
-def _read_manifest(directory: Path) -> dict:
-    mpath = directory / MANIFEST
-    if not mpath.is_file():
-        raise TokError(f"{directory} is a folder without {MANIFEST} (not a sharded token set)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokError(f"{mpath} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise TokError(f"{mpath} has no shard list")
-    _check_format(manifest.get("tok_format"), str(mpath))
-    for s in manifest["shards"]:
-        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not isinstance(s.get("count"), int):
-            raise TokError(f"{mpath}: every shard needs a file name and a count")
-        if "/" in s["file"] or "\\" in s["file"] or s["file"] in ("", ".", ".."):
-            raise TokError(f"{mpath}: shard file {s['file']!r} must be a plain name in the same folder")
-    return manifest
-
-
-def _iter_shards(directory: Path):
-    """Yield (manifest, shard entry, TokenFile, member nbytes, file size), checking sha256 and counts."""
-    manifest = _read_manifest(directory)
-    total = 0
-    for s in manifest["shards"]:
-        spath = directory / s["file"]
-        try:
-            data = spath.read_bytes()
-        except FileNotFoundError:
-            raise TokError(f"{directory}: shard {s['file']} listed in {MANIFEST} is missing") from None
-        if "sha256" in s and hashlib.sha256(data).hexdigest() != s["sha256"]:
-            raise TokError(f"{directory}: shard {s['file']} does not match its sha256 in {MANIFEST} "
-                           "(damaged or replaced)")
-        members = _load_members(io.BytesIO(data), str(spath), len(data))
-        tf = _validate(members, str(spath))
-        if len(tf) != s["count"]:
-            raise TokError(f"{directory}: shard {s['file']} holds {len(tf)} images but {MANIFEST} says {s['count']}")
-        total += len(tf)
-        yield manifest, s, tf, {k: int(v.nbytes) for k, v in members.items()}, len(data)
-    if manifest.get("count", total) != total:
-        raise TokError(f"{directory}: {MANIFEST} says {manifest['count']} images but the shards hold {total}")
-
-
-def _read_set(directory: Path) -> TokenFile:
-    parts: list[TokenFile] = []
-    manifest: dict = {}
-    for manifest, s, tf, _, _ in _iter_shards(directory):
-        if parts and (tf.kind != parts[0].kind or tf.shape != parts[0].shape):
-            raise TokError(f"{directory}: shard {s['file']} holds {tf.kind} of shape {tf.shape}, unlike the "
-                           f"first shard ({parts[0].kind} of shape {parts[0].shape})")
-        if parts and (tf.labels is None) != (parts[0].labels is None):
-            raise TokError(f"{directory}: shard {s['file']} disagrees with the first shard about labels")
-        parts.append(tf)
-    if not parts:
-        raise TokError(f"{directory}/{MANIFEST} lists no shards")
-    keys = [k for p in parts for k in p.keys]
-    dup = _first_duplicate(keys)
-    if dup is not None:
-        raise TokError(f"{directory}: key {dup!r} appears in more than one shard")
-    header = manifest.get("header") or parts[0].header
-    if not isinstance(header, dict):
-        raise TokError(f"{directory}/{MANIFEST}: header is not a JSON object")
-    header = {**parts[0].header, **header}
-    array = parts[0].array if len(parts) == 1 else np.concatenate([p.array for p in parts])
-    labels = None
-    if parts[0].labels is not None:
-        labels = parts[0].labels if len(parts) == 1 else np.concatenate([p.labels for p in parts])
-    return TokenFile(header=header, keys=keys, kind=parts[0].kind, array=array, labels=labels)
-
-
-def read_token_file(path: str | os.PathLike) -> TokenFile:
-    """Read and validate a token file, ``-`` (stdin), or a sharded set (a folder with manifest.json, or the
-    manifest itself). Every problem is a one-line TokError."""
-    directory = _is_set(path)
-    if directory is not None:
-        return _read_set(directory)
-    return _read_one(path)[0]
-
-
-def bytes_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Where the bytes of a token file (or set) go, for ``tok info``.
-
-    payload/keys/labels/header_bytes are the raw array bytes; overhead_bytes is everything else (.npy and zip
-    headers, the manifest). Per-image figures divide by N (None when N is 0).
-    """
-    directory = _is_set(path)
-    if directory is None:
-        tf, nbytes, size = _read_one(path)
-        rows = [(tf, nbytes, size)]
-        extra, shards = 0, None
-    else:
-        rows = [(tf, nb, sz) for _, _, tf, nb, sz in _iter_shards(directory)]
-        if not rows:
-            raise TokError(f"{directory}/{MANIFEST} lists no shards")
-        extra = (directory / MANIFEST).stat().st_size
-        shards = len(rows)
-        tf = rows[0][0]
-    n = sum(len(r[0]) for r in rows)
-    file_bytes = sum(r[2] for r in rows) + extra
-    payload = sum(r[1][r[0].kind] for r in rows)
-    keys_b = sum(r[1]["keys"] for r in rows)
-    labels_b = sum(r[1].get("labels", 0) for r in rows)
-    header_b = sum(r[1]["header"] for r in rows)
-    known = payload + keys_b + labels_b + header_b
-    per = (lambda v: v / n) if n else (lambda v: None)
-    report = {
-        "path": str(path),
-        "kind": tf.kind,
-        "n": n,
-        "shape": list(tf.shape),
-        "dtype": str(rows[0][0].array.dtype) if tf.kind != "bits" else "packed bits",
-        "file_bytes": file_bytes,
-        "payload_bytes": payload,
-        "payload_bytes_per_image": per(payload),
-        "keys_bytes": keys_b,
-        "labels_bytes": labels_b,
-        "header_bytes": header_b,
-        "overhead_bytes": file_bytes - known,
-        "bytes_per_image": per(file_bytes),
-    }
-    if shards is not None:
-        report["shards"] = shards
-    return report

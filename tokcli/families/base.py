@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from tokcli.core.model import TokModel
-from tokcli.errors import TokUsageError
+from tokcli.errors import TokError, TokUsageError
 
 TOKEN_KINDS = ("indices", "bits", "latents")
 
@@ -68,12 +68,6 @@ class TokenSpec:
         d["shape"] = list(self.shape)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenSpec":
-        d = dict(d)
-        d["shape"] = tuple(d["shape"])
-        return cls(**d)
-
 
 class Tokenizer(TokModel):
     """Base class of every tokenizer family (see the module docstring for the contract).
@@ -108,22 +102,58 @@ class Tokenizer(TokModel):
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # --- checks shared by the families ---------------------------------------------------------------
+    def check_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Refuse anything but images [B, 3, H, W] whose sides are multiples of ``multiple_of``; returns ``x`` on the
+        model's device and dtype."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TokError(f"expected images of shape [B, 3, H, W], got {shape}")
+        m = self.multiple_of
+        if x.shape[2] % m or x.shape[3] % m:
+            raise TokError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of {m} (what the "
+                           f"{self.family} model needs)")
+        p = next(self.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    def token_tensor(self, tokens, shape: Sequence[int | None], *, integer: bool) -> torch.Tensor:
+        """Tokens as a batched tensor on the model's device (int64 ids, or float32 latents), with a one-line
+        :class:`TokError` when the per-image shape is not ``shape`` (None = any size on that axis). An unbatched
+        token tensor (one image) gets its batch axis."""
+        t = torch.as_tensor(tokens, device=self.device)
+        if integer and (t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool):
+            raise TokError(f"{self.family} tokens must be integers, got {t.dtype}")
+        t = t.long() if integer else t.float()
+        if t.dim() == len(shape):
+            t = t.unsqueeze(0)
+        if t.dim() != len(shape) + 1 or any(s is not None and s != n for s, n in zip(shape, t.shape[1:])):
+            want = ", ".join("*" if s is None else str(s) for s in shape)
+            raise TokError(f"{self.family} tokens must be [N, {want}], got {list(t.shape)}")
+        return t
+
     def _decode(self, tokens: torch.Tensor, *, seed=None, noise=None, **sampler) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def sampler_kwargs(self, sampler: dict[str, Any]) -> dict[str, Any]:
+        """The sampler keywords ``_decode`` gets: the folder's ``decode`` defaults for this family's
+        ``sampler_options``, overridden by the given ones (``None`` = not given). Keywords the family does not take
+        are refused with the list it accepts (:class:`TokUsageError`, a usage error: exit code 2)."""
+        sampler = {k: v for k, v in sampler.items() if v is not None}
+        unknown = sorted(set(sampler) - set(self.sampler_options))
+        if unknown:
+            accepted = ", ".join(self.sampler_options) or "none"
+            raise TokUsageError(f"the {self.family} decoder takes no sampler option {', '.join(unknown)} "
+                                f"(it takes: {accepted})")
+        defaults = {k: v for k, v in self.decode_defaults.items() if k in self.sampler_options}
+        return {**defaults, **sampler}
 
     def decode(self, tokens: torch.Tensor, *, seed: int | Sequence[int] | None = None,
                noise: torch.Tensor | None = None, clamp: bool = True, **sampler) -> torch.Tensor:
         """Tokens -> images [B, 3, H, W] in [-1, 1] (``clamp=False``: the raw decoder output).
 
         The folder's ``decode`` defaults (seed, steps, cfg, ...) apply here, once, for every family; explicit
-        arguments win. Unknown sampler keywords are refused with the list this family accepts."""
-        unknown = sorted(set(sampler) - set(self.sampler_options))
-        if unknown:
-            accepted = ", ".join(self.sampler_options) or "none"
-            raise TokUsageError(f"{self.family} decode takes no option {', '.join(unknown)} (sampler options: "
-                                f"{accepted})")
-        defaults = {k: v for k, v in self.decode_defaults.items() if k in self.sampler_options}
-        sampler = {**defaults, **{k: v for k, v in sampler.items() if v is not None}}
+        arguments win (:meth:`sampler_kwargs`)."""
+        sampler = self.sampler_kwargs(sampler)
         if seed is None and self.stochastic_decoder:
             seed = self.decode_defaults.get("seed")
         out = self._decode(tokens, seed=seed, noise=noise, **sampler)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -252,30 +253,54 @@ def vae_block_from_diffusers_config(cfg: Mapping[str, Any]) -> tuple[dict, float
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
-def find_diffusers_vae(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(config.json, weights) of a diffusers AutoencoderKL folder (or of its weights file)."""
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    if (folder / "vae" / "config.json").is_file() and not (folder / "config.json").is_file():
-        folder = folder / "vae"
-    cfg = folder / "config.json"
-    weights = p if p.is_file() else next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
-    if not cfg.is_file() or weights is None:
-        raise TokError(f"{p} is not a diffusers AutoencoderKL folder: it needs config.json and "
-                       f"{WEIGHT_NAMES[0]}")
-    return cfg, weights
+@dataclass(frozen=True)
+class DiffusersVAE:
+    """A diffusers ``AutoencoderKL`` folder on disk, as :func:`read_diffusers_vae` found it."""
+
+    config_path: Path
+    weights_path: Path
+    block: dict          # the LDM-style ``vae`` block (:func:`vae_block_from_diffusers_config`)
+    latent_scale: float  # the config's scaling_factor
+    latent_shift: float  # the config's shift_factor (0 when absent)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in float32 (released VAEs are often 16-bit), diffusers key names."""
+        from safetensors.torch import load_file
+
+        return {k: v.to(torch.float32) for k, v in load_file(str(self.weights_path), device="cpu").items()}
 
 
-def load_diffusers_vae(path: str | os.PathLike):
-    """(vae block, latent_scale, latent_shift, state dict in float32, config path, weights path)."""
-    import torch
-    from safetensors.torch import load_file
-
-    cfg_path, weights = find_diffusers_vae(path)
+def _autoencoder_config(path: Path) -> dict | None:
+    """The parsed config.json when it is a diffusers AutoencoderKL config (not, e.g., a CODA config.json)."""
     try:
-        dcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TokError(f"cannot read {cfg_path} ({e})") from None
-    block, scale, shift = vae_block_from_diffusers_config(dcfg)
-    sd = {k: v.to(torch.float32) for k, v in load_file(str(weights), device="cpu").items()}
-    return block, scale, shift, sd, cfg_path, weights
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and cfg.get("_class_name") == "AutoencoderKL" else None
+
+
+def read_diffusers_vae(path: str | os.PathLike, *, required: bool = True) -> DiffusersVAE | None:
+    """The diffusers ``AutoencoderKL`` folder that ``path`` names: the folder itself, its ``vae/`` subfolder (a
+    pipeline repo), or the folder of a ``diffusion_pytorch_model*.safetensors`` file given directly. A folder
+    counts when its config.json says ``_class_name: AutoencoderKL``. Anything else: None, or :class:`TokError` when
+    ``required``. A folder with such a config but no weight file is always an error. Weights are read lazily."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [(d, None) for d in (p, p / "vae")]
+    elif p.is_file() and p.name.startswith("diffusion_pytorch_model"):
+        candidates = [(p.parent, p)]
+    else:
+        candidates = []
+    for folder, weights in candidates:
+        cfg = _autoencoder_config(folder / "config.json")
+        if cfg is None:
+            continue
+        weights = weights or next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+        if weights is None:
+            raise TokError(f"{folder} is a diffusers AutoencoderKL folder without weights ({WEIGHT_NAMES[0]})")
+        block, scale, shift = vae_block_from_diffusers_config(cfg)
+        return DiffusersVAE(folder / "config.json", weights, block, scale, shift)
+    if required:
+        raise TokError(f"{p} is not a diffusers AutoencoderKL folder: it needs config.json (_class_name "
+                       f"AutoencoderKL) and {WEIGHT_NAMES[0]}")
+    return None

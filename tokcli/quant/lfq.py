@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcli.quant.base import QuantOut, global_mean
+
 ENTROPY_MODES = ("official", "paper")
 OFFICIAL_TEMPERATURE = 0.01
 OFFICIAL_EPS = 1e-5
@@ -91,7 +93,7 @@ class GroupLFQ(nn.Module):
         idx = (bits * self.bit_values.view(1, 1, -1, 1, 1)).sum(2)  # [B, g, h, w]
         return idx.permute(0, 2, 3, 1).contiguous()
 
-    def indices_to_codes(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode_ids(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """indices [B, h, w, g] (integers in [0, 2**d')) -> exact +-1 codes [B, d, h, w]."""
         if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
             raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
@@ -108,7 +110,7 @@ class GroupLFQ(nn.Module):
         return codes.view(b, h, w, self.dim).permute(0, 3, 1, 2).contiguous()
 
     def codebook(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """All 2**d' codes of one group as +-1 rows [2**d', d'], row k = indices_to_codes(k)."""
+        """All 2**d' codes of one group as +-1 rows [2**d', d'], row k = decode_ids(k)."""
         k = torch.arange(self.codebook_size, device=device)
         bits = (k.unsqueeze(-1) & self.bit_values.to(k.device)) != 0
         return bits.to(dtype) * 2 - 1
@@ -127,6 +129,8 @@ class GroupLFQ(nn.Module):
         Returns per_sample_entropy, codebook_entropy, entropy_aux = sample_weight * per_sample -
         codebook_weight * codebook (minimise it), and commitment = MSE(z, q.detach()) with q the +-1 codes.
         ``eps`` is added inside the log of the codebook entropy (1e-5 as official; 0 gives the exact entropy).
+        The codebook entropy is that of the probabilities averaged over the global batch (all ranks under DDP,
+        :func:`tokcli.quant.base.global_mean`); the per-sample entropy is a per-sample mean, local like any loss.
         """
         mode = mode or self.entropy_mode
         if mode not in ENTROPY_MODES:
@@ -141,10 +145,10 @@ class GroupLFQ(nn.Module):
             token_h = -(p * log_p).sum(-1)  # [B, n, g]
             if mode == "official":
                 per_sample = token_h.mean()
-                codebook = _entropy(p.mean(dim=(0, 1, 2)), eps)
+                codebook = _entropy(global_mean(p, (0, 1, 2)), eps)
             else:
                 per_sample = token_h.sum(-1).mean()
-                codebook = _entropy(p.mean(dim=(0, 1)), eps).sum()
+                codebook = _entropy(global_mean(p, (0, 1)), eps).sum()
 
         q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
         commitment = F.mse_loss(z.float(), q.float().detach())
@@ -156,17 +160,19 @@ class GroupLFQ(nn.Module):
         }
 
     # --- module API ------------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """z [B, d, h, w] -> (codes, aux). aux has ``indices`` [B, h, w, g] and, in training mode, the entropy
-        terms of :meth:`entropy_loss` (zeros in eval mode, like the official code)."""
+    def forward(self, z: torch.Tensor) -> QuantOut:
+        """z [B, d, h, w] -> QuantOut: quantized = the +-1 codes (straight-through), ids [B, h, w, g], losses
+        ``entropy_aux`` and ``commitment``, stats ``per_sample_entropy`` and ``codebook_entropy`` (the terms of
+        :meth:`entropy_loss` in training mode; zeros in eval mode, like the official code)."""
         codes = self.quantize(z)
-        aux = {"indices": self.codes_to_indices(z)}
+        ids = self.codes_to_indices(z)
         if self.training:
-            aux.update(self.entropy_loss(z))
+            t = self.entropy_loss(z)
         else:
             zero = z.new_zeros((), dtype=torch.float32)
-            aux.update(per_sample_entropy=zero, codebook_entropy=zero, entropy_aux=zero, commitment=zero)
-        return codes, aux
+            t = dict.fromkeys(("per_sample_entropy", "codebook_entropy", "entropy_aux", "commitment"), zero)
+        return QuantOut(codes, ids, losses={k: t[k] for k in ("entropy_aux", "commitment")},
+                        stats={k: t[k] for k in ("per_sample_entropy", "codebook_entropy")})
 
     def max_entropy(self, mode: str | None = None) -> float:
         """Upper bound of the codebook entropy (nats) for a mode: d' ln 2 (official) or d ln 2 (paper)."""

@@ -23,7 +23,7 @@ singleton axis, [B, 1, pn, pn]; it is dropped here). ``flatten_indices`` concate
 tensor, T = sum(pn**2) (680 for [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]): level l occupies
 ``[offset_l, offset_l + pn_l**2)`` with ``offset_l = sum_{m<l} pn_m**2``, and inside a level the order is
 row-major, position ``offset_l + i * pn_l + j`` for grid row i, column j. Ids index rows of ``codebooks.weight``
-directly (no offset, no special tokens). ``decode_indices`` accepts either form.
+directly (no offset, no special tokens). ``decode_ids`` accepts either form.
 
 Training terms (``forward``), per level, averaged over the levels:
 
@@ -32,25 +32,15 @@ Training terms (``forward``), per level, averaged over the levels:
 
 where z_hard = to_v(C)[id] and z_soft has the forward value of z_hard but the gradient of the soft assignment
 softmax(logit) @ to_v(C) (the "hard - sg(soft) + soft" one-hot trick). The per-row entropy uses
-``log_softmax(logit / T + 1e-5)`` and the batch entropy ``log(p + 1e-5)``, exactly as the official code does.
+``log_softmax(logit / T + 1e-5)`` and the batch entropy ``log(p + 1e-5)``, exactly as the official code does;
+the batch mean is over the global batch (all ranks under DDP, :func:`tokcli.quant.base.global_mean`).
 The quantized latent returned by ``forward`` is the sum of the z_soft maps: its value equals ``f_hat`` exactly;
 the gradient reaches the encoder only through the attention logits and the loss terms (there is no identity
 straight-through ``f + sg(f_hat - f)``).
 
-Paper vs. official code (the official code, LeapLabTHU/CODA, is what this module follows; the code wins):
+The paper and the official code differ in places; the code is followed (docs/design-notes.md, "Paper vs code").
 
-- The paper (Eq. 4-5) describes plain residual quantization at the latent resolution. The code quantizes each
-  residual at a growing grid size (``patch_size_list``), area-downsampling the residual and bicubic-upsampling the
-  code map, VAR-style, but without VAR's "phi" refinement convs.
-- The paper writes Q = rms_norm(F W_q), K = rms_norm(C W_k); the code's projections also have biases.
-- The paper's softmax scale is 1/sqrt(d); the code uses the projection width: 1/sqrt(attn_dim). (It does not
-  change the argmax.)
-- Eq. 10 reads ``beta * ||sg[f] - sg[f]||^2`` (a typo, it has no gradient); the code uses
-  ``beta * ||z_hard - sg[f]||^2``, and every term is taken against the level's own downsampled residual r_l,
-  not the full latent f.
-- The code's value table (to_v) has a bias: z = C[id] W_v^T + b_v.
-
-Inference path (``encode``, ``decode_indices``). The training path needs the dense [rows, V] softmax twice (the
+Inference path (``encode``, ``decode_ids``). The training path needs the dense [rows, V] softmax twice (the
 soft assignment and, at temperature 0.01, the entropy terms) plus a [rows, V] x [V, D] product; the ids need none
 of it. ``encode`` computes, per level, only the logits and their argmax, in row blocks of about 1 Mi logits on CPU
 (64 Mi elsewhere) that are reused, scaled in place and reduced with :func:`tokcli.quant.vq.first_argmax`; then a
@@ -72,7 +62,7 @@ and accumulate as above. The residual is updated with sg(up), so each level's lo
 
     vq    = mean over levels of [ mean((sg(r_l) - z_l)**2) + beta * mean((r_l - sg(z_l))**2) ]
     quantized = f + sg(f_hat - f)      (straight-through: value f_hat up to float rounding, gradient identity to f)
-    entropy_loss = 0
+    entropy = 0
 
 With a single level at the latent size (``patch_size_list=[H]``) this is plain VQ, :class:`tokcli.quant.vq.
 VectorQuantizer`.
@@ -88,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcli.quant.base import QuantOut, global_mean
 from tokcli.quant.vq import first_argmax, nearest_code, straight_through, vq_losses
 
 NORM_TYPES = ("rms_norm", "layer_norm", None)
@@ -201,14 +192,6 @@ class CodeAttention(nn.Module):
         return ids.reshape(q.shape[:-1])
 
 
-class QuantizerOutput(NamedTuple):
-    quantized: torch.Tensor          # [B, D, H, W]; value = f_hat (attention: gradient through the soft assignment;
-                                     # nearest: f + sg(f_hat - f), straight-through)
-    indices: list[torch.Tensor]      # per level [B, pn, pn] int64, coarse -> fine
-    vq_loss: torch.Tensor            # scalar, mean over levels (see module docstring)
-    entropy_loss: torch.Tensor       # scalar, mean over levels (0 for "nearest")
-
-
 class QuantizerTrace(NamedTuple):
     """Per-token intermediates, flattened in the token layout (levels coarse->fine, row-major, channels last)."""
 
@@ -229,7 +212,11 @@ class MultiScaleAttentionQuantizer(nn.Module):
     attn_dim: projection width A (``vq_attn_dim``; None = D); entropy_temperature and the two entropy weights
     are the official defaults. assignment: ``"attention"`` (CODA) or ``"nearest"`` (multi-scale residual VQ
     without attention; norm_type, attn_dim and the entropy settings are then unused and no attention module is
-    built). Also importable as ``MultiScaleResidualQuantizer``.
+    built).
+
+    ``forward`` returns a :class:`~tokcli.quant.base.QuantOut`: quantized [B, D, H, W] (value f_hat; attention:
+    gradient through the soft assignment, nearest: straight-through), ids = per-level [B, pn, pn] int64 coarse ->
+    fine, losses ``vq`` and ``entropy`` (means over the levels; entropy 0 for "nearest").
     """
 
     def __init__(self, dim: int, codebook_size: int, patch_size_list: Sequence[int], *, beta: float = 0.25,
@@ -313,7 +300,7 @@ class MultiScaleAttentionQuantizer(nn.Module):
         flat = logits.reshape(-1, logits.shape[-1]) / self.entropy_temperature
         probs = F.softmax(flat, dim=-1)
         log_probs = F.log_softmax(flat + eps, dim=-1)  # the official code adds eps to the logits here
-        avg_probs = probs.mean(dim=0)
+        avg_probs = global_mean(probs, 0)  # the global batch under DDP
         batch_entropy = -torch.sum(avg_probs * torch.log(avg_probs + eps))
         sample_entropy = torch.mean(-torch.sum(probs * log_probs, dim=-1))
         return self.sample_minimization_weight * sample_entropy - self.batch_maximization_weight * batch_entropy
@@ -414,7 +401,7 @@ class MultiScaleAttentionQuantizer(nn.Module):
         return self._run(latent, losses=False, trace=False)[1]
 
     @torch.no_grad()
-    def decode_indices(self, indices: Sequence[torch.Tensor] | torch.Tensor,
+    def decode_ids(self, indices: Sequence[torch.Tensor] | torch.Tensor,
                        size: tuple[int, int] | None = None) -> torch.Tensor:
         """Ids (per-level list or flat [B, T]) -> quantized latent f_hat [B, D, H, W].
 
@@ -434,13 +421,13 @@ class MultiScaleAttentionQuantizer(nn.Module):
             f_hat = up if f_hat is None else f_hat + up
         return f_hat
 
-    def forward(self, latent: torch.Tensor) -> QuantizerOutput:
-        """Training/official forward: quantized latent (value = f_hat), per-level ids, vq_loss, entropy_loss."""
+    def forward(self, latent: torch.Tensor) -> QuantOut:
+        """Training/official forward: quantized latent (value = f_hat), per-level ids, losses vq and entropy."""
         f_hat, ids, vq_terms, ent_terms, _ = self._run(latent, losses=True, trace=False)
         vq_loss = torch.stack(vq_terms).mean()
         if self.attn is None:
-            return QuantizerOutput(straight_through(latent, f_hat), ids, vq_loss, vq_loss.new_zeros(()))
-        return QuantizerOutput(f_hat, ids, vq_loss, torch.stack(ent_terms).mean())
+            return QuantOut(straight_through(latent, f_hat), ids, {"vq": vq_loss, "entropy": vq_loss.new_zeros(())})
+        return QuantOut(f_hat, ids, {"vq": vq_loss, "entropy": torch.stack(ent_terms).mean()})
 
     @torch.no_grad()
     def trace(self, latent: torch.Tensor) -> QuantizerTrace:
@@ -468,6 +455,3 @@ class MultiScaleAttentionQuantizer(nn.Module):
         return {"codebook_size": self.codebook_size, "overall": codebook_usage(flat, self.codebook_size),
                 "levels": levels}
 
-
-MultiScaleResidualQuantizer = MultiScaleAttentionQuantizer
-"""The same class under an assignment-neutral name (``assignment="nearest"`` has no attention)."""

@@ -21,11 +21,11 @@ rows of 16k-64k logits). It is shared with the multi-scale quantizer (``tokcli.q
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokcli.quant.base import QuantOut
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # distances held at once by nearest_code when chunk is None (16 MiB in fp32)
 _BLOCKS = (256, 128, 64, 32)      # candidate block widths for first_argmax (the first that divides V is used)
@@ -95,14 +95,6 @@ def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return z + (q - z).detach()
 
 
-class VQOutput(NamedTuple):
-    quantized: torch.Tensor        # like z; value = codes, gradient identity to z
-    indices: torch.Tensor          # int64, z's shape without the channel axis
-    loss: torch.Tensor             # codebook_loss + commitment_loss
-    codebook_loss: torch.Tensor    # mean ||sg(z) - q||^2
-    commitment_loss: torch.Tensor  # beta * mean ||z - sg(q)||^2
-
-
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with a straight-through estimator.
 
@@ -136,14 +128,15 @@ class VectorQuantizer(nn.Module):
         ids = nearest_code(self._rows(z), self.codebook.weight, self.chunk)
         return ids.reshape(z.shape[0], *z.shape[2:])
 
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+    def decode_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """ids [B, *S] -> codes [B, D, *S]."""
         return self.codebook(indices.long()).movedim(-1, 1)
 
-    def forward(self, z: torch.Tensor) -> VQOutput:
-        """Quantize z [B, D, *S]: straight-through codes, ids and the two loss terms."""
+    def forward(self, z: torch.Tensor) -> QuantOut:
+        """Quantize z [B, D, *S]: straight-through codes, ids [B, *S] and the losses ``codebook``
+        (mean ||sg(z) - q||^2) and ``commitment`` (beta * mean ||z - sg(q)||^2)."""
         ids = self.encode(z)
-        q = self.decode(ids).to(z.dtype)
+        q = self.decode_ids(ids).to(z.dtype)
         codebook_loss, commitment_loss = vq_losses(z, q, self.beta)
-        return VQOutput(straight_through(z, q), ids, codebook_loss + commitment_loss, codebook_loss,
-                        commitment_loss)
+        return QuantOut(straight_through(z, q), ids, losses={"codebook": codebook_loss,
+                                                             "commitment": commitment_loss})

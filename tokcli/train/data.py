@@ -12,22 +12,28 @@ is just the micro-batch counter), and ranks never share a sample within an epoch
 Caching (``data.cache = true``, the default): every image is decoded once, at start-up, and kept in memory as a
 PIL image. That suits the small data sets this project trains on (tens to thousands of photos); for ImageNet-
 sized sets set ``cache = false`` and ``workers`` > 0 so files are decoded on demand in DataLoader workers.
+
+The training loop builds its data with :func:`make_data` from the objective's ``data`` kind. A data module has
+``seed``, ``len()``, ``batches(start)`` (micro-batches start, start+1, ...; each a pure function of (seed, micro-batch,
+rank)), ``summary()`` (JSON for the exported ``training`` record) and ``card_text()`` (the card's data section).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tokcli.core.images import InputItem, collect_inputs, load_image, to_tensor
-from tokcli.errors import TokError
-from tokcli.train.recipe import DataSection
+from tokcli.errors import TokError, TokUsageError
+from tokcli.train.recipe import DataSection, Recipe
 
 _PERM_TAG = 0x5EED_0001
 _AUG_TAG = 0x5EED_0002
@@ -117,6 +123,63 @@ class TrainData(torch.utils.data.Dataset):
             self, batch_sampler=_PlanSampler(self, start), num_workers=self.cfg.workers,
             collate_fn=_collate, persistent_workers=True, pin_memory=False)
         return iter(loader)
+
+    # --- description ---------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Roots, image count and, when a SOURCES.json sits in a root or its parent, sources and licences."""
+        used = {it.path.resolve() for it in self.items}
+        licences, sources, files = Counter(), Counter(), []
+        for root in self.cfg.roots:
+            rp = Path(root).resolve()
+            for cand in (rp / "SOURCES.json", rp.parent / "SOURCES.json"):
+                if cand.is_file() and cand not in files:
+                    files.append(cand)
+        for f in files:
+            try:
+                entries = json.loads(f.read_text(encoding="utf-8")).get("images", [])
+            except (OSError, ValueError, AttributeError):
+                continue
+            for e in entries:
+                if isinstance(e, dict) and (f.parent / e.get("file", "")).resolve() in used:
+                    licences[e.get("license", "unknown")] += 1
+                    sources[e.get("source", "unknown")] += 1
+        out: dict[str, Any] = {"roots": list(self.cfg.roots), "num_images": len(self)}
+        if files:
+            out.update(sources_file=[_display_path(f) for f in files], sources=dict(sources),
+                       licenses=dict(licences))
+        return out
+
+    def card_text(self, info: dict[str, Any] | None = None) -> str:
+        """The model card's data paragraph (``info``: ``summary()``, when already computed)."""
+        info, d = info or self.summary(), self.cfg
+        line = f"{info['num_images']} images from {', '.join(d.roots)}"
+        if info.get("licenses"):
+            lic = ", ".join(f"{k} ({v})" for k, v in sorted(info["licenses"].items()))
+            src = ", ".join(f"{k} ({v})" for k, v in sorted(info["sources"].items()))
+            line += f"; sources: {src}; licences: {lic}"
+        return (f"{line}.\nRandom crops of {d.crop_size} px (short side resized to {d.random_resize[0]}-"
+                f"{d.random_resize[1]} x the crop size{', horizontal flips' if d.hflip else ''}).")
+
+
+#: data kind (``Objective.data``) -> the class built from the [data] section
+DATA_KINDS: dict[str, type] = {"images": TrainData}
+
+
+def make_data(kind: str, recipe: Recipe, *, rank: int = 0, world_size: int = 1):
+    """The data module an objective asks for (``Objective.data``), from the recipe's [data] section."""
+    try:
+        cls = DATA_KINDS[kind]
+    except KeyError:
+        raise TokUsageError(f"no training data of kind {kind!r} (known: {', '.join(DATA_KINDS)})") from None
+    return cls(recipe.data, seed=recipe.run.seed, rank=rank, world_size=world_size)
+
+
+def _display_path(p: Path) -> str:
+    """p relative to the working folder when it is inside it (no machine-specific prefixes in model folders)."""
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def _collate(crops: list[np.ndarray]) -> torch.Tensor:

@@ -4,17 +4,20 @@ Every key is known and typed: an unknown key or a value of the wrong type is a T
 and the file. Relative paths (``data.roots``, ``model.init_from``) are taken relative to the working folder,
 which is the repository root for the shipped recipes.
 
-    [model]  family, name, license, model_args = {...}, init_from (a model folder to start from: the stage-1 model
-             for generative_decoder_stage2, or the frozen base for families that adapt one, e.g. CODA on a KL VAE),
+    [model]  family, name, license, objective (one of the family's training objectives; default its first),
+             model_args = {...}, init_from (a model to start from, a registry name or a folder: the stage-1 model
+             for generative_decoder_stage2, or the frozen base for families that adapt one, e.g. CODA on kl-tiny),
              generative_decoder_stage2
     [data]   roots (folders, image files or .txt file lists), crop_size, random_resize = [lo, hi], batch_size,
              workers, hflip, cache, recursive
-    [loss]   l1_weight, l2_weight, perceptual ("lpips-vgg" | "lpips-vgg-random" | "none"), perceptual_weight,
-             gan_weight (0 = no GAN), disc_start, lecam_weight, lecam_decay, entropy_mode, entropy_weight,
-             commitment_weight, kl_weight (KL autoencoders), vq_weight (CODA's quantizer loss), disc_ndf, disc_layers
+    [loss]   shared by every family: l1_weight, l2_weight, perceptual ("lpips-vgg" | "lpips-vgg-random" | "none"),
+             perceptual_weight, gan_weight (0 = no GAN), disc_start, lecam_weight, lecam_decay, disc_ndf, disc_layers;
+             plus the keys of the family's own section (``Family.recipe``, a dataclass extending LossSection, in
+             ``families/<name>/objective.py``): wetok entropy_mode, entropy_weight, commitment_weight; kl kl_weight;
+             coda vq_weight, entropy_weight. A key of another family's section is refused.
     [optim]  optimizer ("adam" | "adamw"), lr, disc_lr, betas, weight_decay, grad_accum, max_steps, ema_decay
-             (0 = off), ema_warmup, grad_clip, lr_schedule ("constant" | "cosine": from lr to min_lr over max_steps after
-             warmup_steps of linear warm-up), warmup_steps, min_lr
+             (0 = off), ema_warmup, grad_clip, lr_schedule ("constant" | "cosine": from lr to min_lr over max_steps
+             after warmup_steps of linear warm-up), warmup_steps, min_lr
     [run]    seed, log_every, ckpt_every, sample_every, keep_checkpoints, device, precision ("fp32" | "bf16"),
              deterministic
 
@@ -34,7 +37,6 @@ from typing import Any
 from tokcli.errors import TokUsageError
 
 PERCEPTUAL_CHOICES = ("lpips-vgg", "lpips-vgg-random", "none")
-ENTROPY_MODES = ("official", "paper")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
@@ -45,8 +47,9 @@ class ModelSection:
     family: str
     name: str = ""
     license: str = "other"  # licence recorded in the exported model folder
+    objective: str | None = None  # a name of the family's objectives (default: its first)
     model_args: dict = field(default_factory=dict)
-    init_from: str | None = None  # stage 2: the stage-1 model folder; CODA: the base KL VAE folder
+    init_from: str | None = None  # stage 2: the stage-1 model; CODA: the base KL VAE (registry name or folder)
     generative_decoder_stage2: bool = False
 
 
@@ -66,6 +69,8 @@ class DataSection:
 
 @dataclass
 class LossSection:
+    """The [loss] keys every family shares (reconstruction, perceptual, GAN). A family's section extends it."""
+
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual: str = "lpips-vgg"
@@ -74,13 +79,20 @@ class LossSection:
     disc_start: int = 0
     lecam_weight: float = 0.05
     lecam_decay: float = 0.999
-    entropy_mode: str | None = None  # overrides model_args.entropy_mode when set
-    entropy_weight: float = 0.1
-    commitment_weight: float = 0.25
-    kl_weight: float = 1e-6  # KL autoencoders (family "kl")
-    vq_weight: float = 1.0  # CODA's quantizer loss (family "coda")
     disc_ndf: int = 64
     disc_layers: int = 3
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values (empty when nothing); subclasses add theirs to ``super().problems()``."""
+        out = [f"'loss.{f.name}' must be >= 0, got {getattr(self, f.name)}" for f in dataclasses.fields(self)
+               if f.name.endswith("_weight") and getattr(self, f.name) < 0]
+        if self.perceptual not in PERCEPTUAL_CHOICES:
+            out.append(f"'loss.perceptual' must be one of {', '.join(PERCEPTUAL_CHOICES)}, got {self.perceptual!r}")
+        if not 0 <= self.lecam_decay < 1:
+            out.append(f"'loss.lecam_decay' must be in [0, 1), got {self.lecam_decay}")
+        if not (self.disc_start >= 0 and self.disc_ndf > 0 and self.disc_layers > 0):
+            out.append("'loss.disc_start' must be >= 0 and 'loss.disc_ndf', 'loss.disc_layers' positive")
+        return out
 
 
 @dataclass
@@ -160,7 +172,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Recipe:
-    """Validate a recipe given as nested dicts (what tomllib returns)."""
+    """Validate a recipe given as nested dicts (what tomllib returns). The [loss] section's schema is the one of
+    the family named in [model] (``Family.recipe``; the shared :class:`LossSection` when it has none)."""
     if not isinstance(raw, dict):
         raise TokUsageError(f"{source}: a recipe is a table of sections")
     unknown = [k for k in raw if k not in _SECTIONS]
@@ -169,13 +182,49 @@ def recipe_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Recipe:
     for required in ("model", "data"):
         if required not in raw:
             raise TokUsageError(f"{source}: the [{required}] section is required")
-    sections = {name: _section(cls, raw.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
+    model = _section(ModelSection, raw["model"], "model", source)
+    classes = {**_SECTIONS, "loss": loss_section_class(model, source)}
+    sections = {name: model if name == "model" else _section(cls, raw.get(name, {}), name, source, model.family)
+                for name, cls in classes.items()}
     r = Recipe(**sections, source=source)
     _check_values(r)
     return r
 
 
-def _section(cls, table: Any, name: str, source: str):
+def loss_section_class(m: ModelSection, source: str = "<dict>") -> type:
+    """The [loss] dataclass of the recipe's family (checks that the family and ``model.objective`` exist)."""
+    from tokcli.core.registry import get_family
+    from tokcli.errors import TokError
+
+    if not m.family:
+        raise TokUsageError(f"{source}: 'model.family' must name a model family")
+    try:
+        fam = get_family(m.family)
+    except TokError as e:
+        raise TokUsageError(f"{source}: 'model.family': {e}") from None
+    if m.objective is not None and m.objective not in fam.objectives:
+        raise TokUsageError(f"{source}: 'model.objective' {m.objective!r} is not an objective of the {m.family} "
+                            f"family (it has: {', '.join(fam.objectives) or 'none'})")
+    return fam.recipe_section() or LossSection
+
+
+def _owners_of_loss_key(key: str, family: str) -> list[str]:
+    """The other families whose [loss] section has ``key`` (for the error message)."""
+    from tokcli.core.registry import families
+
+    owners = []
+    for name, fam in sorted(families().items()):
+        if name != family and fam.recipe:
+            try:
+                cls = fam.recipe_section()
+            except Exception:  # noqa: BLE001 - a broken foreign family must not hide the real error
+                continue
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                owners.append(name)
+    return owners
+
+
+def _section(cls, table: Any, name: str, source: str, family: str = ""):
     if not isinstance(table, dict):
         raise TokUsageError(f"{source}: [{name}] must be a table, got {type(table).__name__}")
     hints = typing.get_type_hints(cls)
@@ -183,6 +232,11 @@ def _section(cls, table: Any, name: str, source: str):
     kwargs = {}
     for key, value in table.items():
         if key not in fields:
+            owners = _owners_of_loss_key(key, family) if name == "loss" and family else []
+            if owners:
+                raise TokUsageError(f"{source}: key '{key}' in [{name}] is a key of the {' and '.join(owners)} "
+                                    f"famil{'ies' if len(owners) > 1 else 'y'}, not of {family} (its [{name}] keys: "
+                                    f"{', '.join(fields)})")
             raise TokUsageError(f"{source}: unknown key '{key}' in [{name}] (known: {', '.join(fields)})")
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", source)
     for f in fields.values():
@@ -251,7 +305,6 @@ def _check_values(r: Recipe) -> None:
             raise TokUsageError(f"{src}: {msg}")
 
     m, d, lo, o, run = r.model, r.data, r.loss, r.optim, r.run
-    need(bool(m.family), "'model.family' must name a tokenizer family")
     if m.generative_decoder_stage2:
         need(bool(m.init_from), "'model.generative_decoder_stage2' needs 'model.init_from' (a stage-1 model folder)")
         need(not m.model_args, "'model.model_args' must be left out in stage 2: they come from 'model.init_from'")
@@ -261,16 +314,8 @@ def _check_values(r: Recipe) -> None:
          f"'data.random_resize' must be [lo, hi] with 0 < lo <= hi, got {d.random_resize}")
     need(d.batch_size > 0, f"'data.batch_size' must be positive, got {d.batch_size}")
     need(d.workers >= 0, f"'data.workers' must be >= 0, got {d.workers}")
-    need(lo.perceptual in PERCEPTUAL_CHOICES,
-         f"'loss.perceptual' must be one of {', '.join(PERCEPTUAL_CHOICES)}, got {lo.perceptual!r}")
-    need(lo.entropy_mode is None or lo.entropy_mode in ENTROPY_MODES,
-         f"'loss.entropy_mode' must be one of {', '.join(ENTROPY_MODES)}, got {lo.entropy_mode!r}")
-    for k in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "lecam_weight", "entropy_weight",
-              "commitment_weight", "kl_weight", "vq_weight"):
-        need(getattr(lo, k) >= 0, f"'loss.{k}' must be >= 0, got {getattr(lo, k)}")
-    need(0 <= lo.lecam_decay < 1, f"'loss.lecam_decay' must be in [0, 1), got {lo.lecam_decay}")
-    need(lo.disc_start >= 0 and lo.disc_ndf > 0 and lo.disc_layers > 0,
-         "'loss.disc_start' must be >= 0 and 'loss.disc_ndf', 'loss.disc_layers' positive")
+    for problem in lo.problems()[:1]:
+        need(False, problem)
     need(o.lr > 0 and (o.disc_lr is None or o.disc_lr > 0), "'optim.lr' and 'optim.disc_lr' must be positive")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
          f"'optim.betas' must be two numbers in [0, 1), got {o.betas}")

@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from tokcli.core.checkpoint import ModelFolder, save_model_folder, sha256_file
+from tokcli.core.atomic import check_overwrite
+from tokcli.core.checkpoint import ModelFolder, sha256_file
 from tokcli.errors import TokError
 
 CONVERTER = "tokcli.families.coda.convert"
@@ -39,9 +40,9 @@ DEV_LICENSE = "FLUX.1 [dev] Non-Commercial License (gated on the Hub)"
 
 
 def _is_base(p: Path) -> bool:
-    from tokcli.families.coda.vae import _diffusers_folder
+    from tokcli.nn.klvae import read_diffusers_vae
 
-    return p.is_file() or _diffusers_folder(p) is not None
+    return p.is_file() or read_diffusers_vae(p, required=False) is not None
 
 
 def _find_base(vae_path: Path, config_path: Path | None, cfg: Mapping[str, Any], fmt: str | None) -> Path:
@@ -76,10 +77,10 @@ def base_vae_origin(base: Path) -> tuple[str, str]:
         return "FLUX.1-dev VAE (black-forest-labs/FLUX.1-dev)", DEV_LICENSE
     if base.name == "kl16.safetensors" or "jadechoghari/mar" in s:
         return "MAR KL-16 VAE (jadechoghari/mar, kl16.safetensors)", "mit"
-    from tokcli.families.coda.vae import diffusers_base_config
+    from tokcli.nn.klvae import read_diffusers_vae
 
-    found = diffusers_base_config(base)
-    if found is not None and found[1:3] == (0.3611, 0.1159):  # the FLUX.1 latent scale and shift
+    found = read_diffusers_vae(base, required=False)
+    if found is not None and (found.latent_scale, found.latent_shift) == (0.3611, 0.1159):  # FLUX.1's
         return (f"a FLUX.1 VAE (diffusers folder {base.name}; origin not recorded in its path)",
                 f"unknown: FLUX.1-schnell's VAE is {SCHNELL_LICENSE}, FLUX.1-dev's is under the {DEV_LICENSE}; check "
                 f"where this copy came from")
@@ -87,41 +88,27 @@ def base_vae_origin(base: Path) -> tuple[str, str]:
 
 
 def _base_weight_file(base: Path) -> Path:
-    from tokcli.families.coda.vae import _diffusers_folder
+    from tokcli.nn.klvae import read_diffusers_vae
 
-    if _diffusers_folder(base) is None:
-        return base
-    from tokcli.nn.klvae import find_diffusers_vae
-
-    return find_diffusers_vae(base if base.is_file() else _diffusers_folder(base))[1]
+    found = read_diffusers_vae(base, required=False)
+    return base if found is None else found.weights_path
 
 
-def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLike | None, dest: str | os.PathLike,
-                     *, name: str | None = None, model_args: dict[str, Any] | None = None,
-                     provenance: dict[str, Any] | None = None, overwrite: bool = False,
-                     files: Mapping[str, str | os.PathLike] | None = None) -> ModelFolder:
-    """Convert ``vae_ema.pth`` (+ ``quantizer_ema.pth`` and the base VAE) into a model folder.
+def _read_config(cpath: Path | None) -> dict[str, Any]:
+    if cpath is None:
+        return {}
+    try:
+        return json.loads(cpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokError(f"cannot read the CODA config {cpath} ({e})") from None
 
-    ``files`` (role -> path, from ``tok convert NAME``) gives the ``quantizer`` and ``base_vae`` explicitly, e.g.
-    from different Hugging Face cache snapshots; otherwise they are looked for beside ``ckpt_path``."""
-    import torch
 
-    from tokcli.families.coda.model import FAMILY, build, normalize_model_args
-    from tokcli.families.coda.vae import CodaVAE, checkpoint_format, complete_vae_config
+def _locate(vae_path: Path, cpath: Path | None, cfg: Mapping[str, Any], source_args: Mapping[str, Any],
+            files: Mapping[str, Path]) -> tuple[Path, Path]:
+    """(quantizer file, base VAE) of a release, after refusing the wrong files (the quantizer given as the VAE, the
+    raw non-EMA VAE)."""
+    from tokcli.families.coda.vae import checkpoint_format
 
-    files = {k: Path(v) for k, v in (files or {}).items()}
-    vae_path = Path(ckpt_path)
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
-    cfg: dict[str, Any] = {}
-    cpath = Path(config_path) if config_path is not None else None
-    if cpath is not None:
-        try:
-            cfg = json.loads(cpath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise TokError(f"cannot read the CODA config {cpath} ({e})") from None
-    source_args = dict(model_args) if model_args is not None else dict(cfg)
     if "quantizer" in vae_path.name:
         raise TokError(f"{vae_path.name} is the quantizer; give the VAE file vae_ema.pth (the quantizer is found "
                        f"beside it)")
@@ -135,11 +122,12 @@ def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLik
     base = files.get("base_vae") or _find_base(vae_path, cpath, cfg, fmt)
     if not _is_base(base):
         raise TokError(f"the base VAE is missing: {base}")
-    args = normalize_model_args(complete_vae_config(source_args, base))
-    fmt = checkpoint_format(args["vae"])
+    return qpath, base
 
-    model = build(args)
-    model.vae = CodaVAE.from_official(args, vae_path, base)
+
+def _load_quantizer(model, qpath: Path) -> None:
+    import torch
+
     try:
         qsd = torch.load(qpath, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged or non-weights file
@@ -148,21 +136,12 @@ def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLik
     if res.missing_keys or res.unexpected_keys:
         raise TokError(f"{qpath.name} does not fit the quantizer of the config: missing {res.missing_keys[:3]}, "
                        f"unexpected {res.unexpected_keys[:3]}")
-    origin, base_license = base_vae_origin(base)
-    weights = _base_weight_file(base)
-    prov: dict[str, Any] = {
-        "source": str(vae_path), "source_sha256": sha256_file(vae_path),
-        "quantizer": str(qpath), "quantizer_sha256": sha256_file(qpath),
-        "base_vae": str(base), "base_vae_weights": str(weights), "base_vae_sha256": sha256_file(weights),
-        "base_vae_origin": origin, "base_vae_license": base_license, "checkpoint_format": fmt,
-        "source_config": str(cpath) if cpath else None, "converter": CONVERTER, "official_repo": OFFICIAL_REPO,
-        "weights": "EMA files (vae_ema.pth, quantizer_ema.pth) on the frozen base VAE, as the official evaluation",
-        "encode": "posterior mean (the official code samples the posterior; see the family docstring)",
-    }
-    prov.update(provenance or {})
-    spec = model.spec
+
+
+def _card(title: str, model, vae_path: Path, qpath: Path, base: Path, origin: str, base_license: str) -> str:
+    args, spec = model.model_args, model.spec
     shift = f" - {args['latent_shift']}" if args["latent_shift"] else ""
-    card = (f"# {name or dest.name}\n\nCODA tokenizer converted from the official files of [{OFFICIAL_REPO}]"
+    return (f"# {title}\n\nCODA tokenizer converted from the official files of [{OFFICIAL_REPO}]"
             f"({OFFICIAL_REPO}) by `{CONVERTER}`.\n\n- VAE: `{vae_path.name}` on base `{base.name}`; quantizer: "
             f"`{qpath.name}`\n- base VAE: {origin}; licence of the base VAE: {base_license}\n"
             f"- tokens at {args['image_size']}x{args['image_size']}: {spec.shape[0]} indices of "
@@ -171,6 +150,41 @@ def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLik
             f"The converted weights combine the CODA files with the base VAE: the base VAE's licence applies to "
             f"them as well.\n\nPaper: CODA: Repurposing Continuous VAEs for Discrete Tokenization. "
             f"Load it with `tokcli.load(\"local-dir:PATH\")`.\n")
-    return save_model_folder(dest, family=FAMILY, model_args=args, tokens=spec.to_dict(),
-                             preprocess=model.preprocess, state_dict=model.state_dict(), name=name or dest.name,
-                             provenance=prov, card=card, overwrite=overwrite)
+
+
+def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLike | None, dest: str | os.PathLike,
+                     *, name: str | None = None, model_args: dict[str, Any] | None = None,
+                     provenance: dict[str, Any] | None = None, overwrite: bool = False,
+                     files: Mapping[str, str | os.PathLike] | None = None) -> ModelFolder:
+    """Convert ``vae_ema.pth`` (+ ``quantizer_ema.pth`` and the base VAE) into a model folder.
+
+    ``files`` (role -> path, from ``tok convert NAME``) gives the ``quantizer`` and ``base_vae`` explicitly, e.g.
+    from different Hugging Face cache snapshots; otherwise they are looked for beside ``ckpt_path``."""
+    from tokcli.families.coda.model import Coda, normalize_model_args
+    from tokcli.families.coda.vae import CodaVAE, checkpoint_format, complete_vae_config
+
+    vae_path = Path(ckpt_path)
+    dest = check_overwrite(dest, overwrite)
+    cpath = Path(config_path) if config_path is not None else None
+    cfg = _read_config(cpath)
+    source_args = dict(model_args) if model_args is not None else dict(cfg)
+    qpath, base = _locate(vae_path, cpath, cfg, source_args, {k: Path(v) for k, v in (files or {}).items()})
+    args = normalize_model_args(complete_vae_config(source_args, base))
+    model = Coda(**args)
+    model.vae = CodaVAE.from_official(args, vae_path, base)
+    _load_quantizer(model, qpath)
+    origin, base_license = base_vae_origin(base)
+    weights = _base_weight_file(base)
+    prov: dict[str, Any] = {
+        "source": str(vae_path), "source_sha256": sha256_file(vae_path),
+        "quantizer": str(qpath), "quantizer_sha256": sha256_file(qpath),
+        "base_vae": str(base), "base_vae_weights": str(weights), "base_vae_sha256": sha256_file(weights),
+        "base_vae_origin": origin, "base_vae_license": base_license,
+        "checkpoint_format": checkpoint_format(args["vae"]),
+        "source_config": str(cpath) if cpath else None, "converter": CONVERTER, "official_repo": OFFICIAL_REPO,
+        "weights": "EMA files (vae_ema.pth, quantizer_ema.pth) on the frozen base VAE, as the official evaluation",
+        "encode": "posterior mean (the official code samples the posterior; see the family docstring)",
+        **(provenance or {}),
+    }
+    card = _card(name or dest.name, model, vae_path, qpath, base, origin, base_license)
+    return model.save_folder(dest, name=name or dest.name, provenance=prov, card=card, overwrite=overwrite)

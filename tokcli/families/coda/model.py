@@ -9,7 +9,7 @@ inside a scale; every index lies in one shared codebook. The scale list fixes th
 exactly one image size (``image_size`` = last scale x the VAE's downsampling).
 
 Encoding uses the posterior *mean*. The official code samples the posterior (``posterior.sample()``) even at
-evaluation; tok is deterministic so that tokens reproduce (docs/design-notes.md). ``CodaMARVAE.encode_sampled``
+evaluation; tok is deterministic so that tokens reproduce (docs/design-notes.md). ``CodaVAE.encode_sampled``
 replays the official path when needed.
 
 model_args mirror the official config keys: ``vae`` (the VAE architecture), ``vae_latent_channels``,
@@ -23,10 +23,12 @@ At inference (``tokcli.load``) the LoRA is fused into the conv weights; training
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Mapping
 
 import torch
 
+from tokcli.core.checkpoint import ModelFolder, read_model_folder
 from tokcli.errors import TokError
 from tokcli.families.base import TokenSpec, Tokenizer
 
@@ -64,14 +66,14 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 class Coda(Tokenizer):
     family = FAMILY
 
-    def __init__(self, model_args: dict[str, Any]):
+    def __init__(self, **model_args):
         super().__init__()
-        from tokcli.families.coda.vae import CodaMARVAE
+        from tokcli.families.coda.vae import CodaVAE
         from tokcli.quant.msrq import MultiScaleAttentionQuantizer
 
         self.model_args = normalize_model_args(model_args)
         a = self.model_args
-        self.vae = CodaMARVAE(a["vae"], latent_scale=a["latent_scale"], latent_shift=a["latent_shift"])
+        self.vae = CodaVAE(a["vae"], latent_scale=a["latent_scale"], latent_shift=a["latent_shift"])
         self.vae.requires_grad_(False)  # the base VAE stays frozen; only the LoRA and the quantizer train
         if a["decoder_lora_rank"]:
             self.vae.add_lora(a["decoder_lora_rank"], a["decoder_lora_module_list"])
@@ -80,7 +82,7 @@ class Coda(Tokenizer):
 
     def prepare_for_inference(self) -> None:
         """Fuse the LoRA into the conv weights (W' = W + up @ down): inference runs at the base VAE's cost.
-        Called by ``tokcli.load``; the unfused model is what ``tok train`` optimises."""
+        Called by :meth:`TokModel.from_folder` (``inference=True``); the unfused model is what training optimises."""
         if self.vae.lora_rank:
             self.vae.merge_lora()
 
@@ -95,14 +97,9 @@ class Coda(Tokenizer):
                    "latent_scale": self.model_args["latent_scale"], "latent_shift": self.model_args["latent_shift"],
                    "posterior": "mean", "assignment": self.model_args["vq_assignment"]})
 
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        s = self.model_args["image_size"]
-        return {"image_size": s, "crop": "adm_center", "value_range": [-1, 1], "multiple_of": s}
-
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled continuous latent (posterior mean * latent_scale), the quantizer's input."""
-        return self.vae.encode(x)
+        return self.vae.encode(self.check_images(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         latent = self.encode_latent(x)
@@ -112,31 +109,28 @@ class Coda(Tokenizer):
                            f"(its scales end at {last}x{last}); got {x.shape[-2]}x{x.shape[-1]}")
         return self.quantize.flatten_indices(self.quantize.encode(latent))
 
-    def decode(self, tokens: torch.Tensor, *, seed=None, noise=None, clamp: bool = True) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens, device=self.device).long()
-        if tokens.ndim != 2 or tokens.shape[1] != self.quantize.num_tokens:
-            raise TokError(f"CODA tokens must be [N, {self.quantize.num_tokens}], got {list(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.quantize.codebook_size):
-            raise TokError(f"CODA token ids must lie in [0, {self.quantize.codebook_size})")
-        y = self.vae.decode(self.quantize.decode_indices(tokens))
-        return y.clamp(-1, 1) if clamp else y
+    def _decode(self, tokens: torch.Tensor, *, seed=None, noise=None) -> torch.Tensor:
+        q = self.quantize
+        tokens = self.token_tensor(tokens, (q.num_tokens,), integer=True)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= q.codebook_size):
+            raise TokError(f"CODA token ids must lie in [0, {q.codebook_size})")
+        return self.vae.decode(q.decode_ids(tokens))
 
     def forward(self, x: torch.Tensor):
         """Training forward: (reconstruction, aux with the quantizer's vq and entropy losses and the ids)."""
         out = self.quantize(self.encode_latent(x))
-        return self.vae.decode(out.quantized), {"vq_loss": out.vq_loss, "entropy_loss": out.entropy_loss,
-                                               "indices": out.indices}
+        return self.vae.decode(out.quantized), {"vq_loss": out.losses["vq"], "entropy_loss": out.losses["entropy"],
+                                               "indices": out.ids}
 
 
-def build(model_args: dict[str, Any]) -> Coda:
-    return Coda(model_args)
-
-
-def init_model(model_args: dict[str, Any], base) -> Coda:
-    """A CODA model around a trained KL VAE (``base``: a model folder of the ``kl`` family), for ``tok train``.
+def init_model(model_args: Mapping[str, Any], base: ModelFolder | str | os.PathLike) -> Coda:
+    """A CODA model around a trained KL VAE (``base``: a model folder of the ``kl`` family, or its path), for
+    ``tok train``.
 
     The VAE architecture and its latent scale/shift come from the folder (``model_args`` may leave them out; if
     given they must agree); the base weights are loaded and frozen; LoRA and quantizer start from their init."""
+    if not isinstance(base, ModelFolder):
+        base = read_model_folder(base)
     if base.family != "kl":
         raise TokError(f"CODA adapts a continuous KL VAE: model.init_from must be a 'kl' model folder, "
                        f"{base.path} is {base.family!r}")
@@ -147,7 +141,7 @@ def init_model(model_args: dict[str, Any], base) -> Coda:
             raise TokError(f"model_args.{key} ({args[key]!r}) contradicts the base VAE {base.path} ({b.get(key)!r})")
         args[key] = b.get(key, 0.0)
     args.setdefault("vae_latent_channels", int(b["vae"]["embed_dim"]))
-    model = Coda(args)
+    model = Coda(**args)
     prefix = "vae.vae."
     model.vae.load_base_state_dict({k[len(prefix):]: v for k, v in base.state_dict().items()
                                     if k.startswith(prefix)})

@@ -1,69 +1,7 @@
-"""CODA continuous VAEs: a frozen KL-VAE (MAR KL-16 or FLUX.1) with CODA's conv LoRA adapters.
-
-Two official checkpoint formats, chosen by the ``type`` of the config's ``vae`` block (:func:`checkpoint_format`):
-
-- ``"ldm"`` (``type`` ``"MARAutoencoderKL"`` or absent): coda-mar. Flat LDM/MAR key names, mapped to diffusers by
-  :func:`ldm_to_diffusers_key`; the LoRA rule is applied to the LDM module names. Details below.
-- ``"diffusers"`` (``type`` ``"AutoencoderKL"``): coda-flux. The official code loads the FLUX.1 VAE with diffusers'
-  ``AutoencoderKL.from_pretrained`` and wraps it in place, so every key is already a diffusers key: base tensors
-  unchanged (a wrapped conv keeps ``<conv>.weight``/``.bias``), LoRA tensors ``<conv>.lora_layer.{down,up}.weight``.
-  The LoRA rule (substring of ``decoder_lora_module_list``, FLUX ``["conv1", "conv2"]``) is applied to the diffusers
-  module names of every ``nn.Conv2d``: 48 res-block convs, encoder and decoder; the samplers, ``conv_shortcut``,
-  ``conv_in``/``conv_out`` are not wrapped. The base VAE is a diffusers ``vae/`` folder (``config.json`` +
-  ``diffusion_pytorch_model.safetensors``, 16-bit: read as float32); its ``config.json`` gives the ``vae`` block
-  (:func:`tokcli.nn.klvae.vae_block_from_diffusers_config`) when the CODA config has none. Latent:
-  ``(z - 0.1159) * 0.3611``.
-
-Base VAE files are read by their key names, whatever the format: a flat LDM file is mapped, a diffusers folder or
-file is taken as is (:func:`read_base_vae`).
-
-The ldm format in detail (coda-mar):
-
-- The VAE is a diffusers :class:`~diffusers.AutoencoderKL`. Its architecture is built from the ``vae`` block of
-  the CODA ``config.json`` (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``,
-  ``decoder_attn_resolutions``, ``resolution``, ``z_channels``/``embed_dim``, ...); nothing is hard-coded.
-  ``ch_mult`` gives ``block_out_channels = ch * m``; a level whose resolution ``resolution / 2**i`` is in
-  ``attn_resolutions`` becomes an ``AttnDownEncoderBlock2D`` (one single-head attention after every res-block,
-  as in the LDM/MAR ``Encoder``); the decoder gets ``num_res_blocks + 1`` res-blocks per level (diffusers
-  does the same) and mid attention on both sides.
-- The official checkpoints use the flat LDM/MAR names (``encoder.down.{i}.block.{j}.conv1.weight``, ...). They
-  are mapped here by :func:`ldm_to_diffusers_key` (our own ~40-line mapper). diffusers'
-  ``convert_ldm_vae_checkpoint`` was not used: it maps only the *mid* attention and would leave the
-  encoder's per-level attention (``encoder.down.{last}.attn.*``) unmapped. The 1x1-conv attention weights
-  ``q/k/v/proj_out`` [C, C, 1, 1] become the Linear ``to_q/to_k/to_v/to_out.0`` [C, C]; ``decoder.up.{b}``
-  becomes ``decoder.up_blocks.{L-1-b}`` (reversed), ``nin_shortcut`` -> ``conv_shortcut``,
-  ``norm_out`` -> ``conv_norm_out``, ``mid.block_{1,2}`` -> ``mid_block.resnets.{0,1}``.
-- The LoRA is **peft** (``inject_adapter_in_model`` with a ``LoraConfig``), which the official CODA LoRA maps
-  onto exactly:
-
-  - official ``<conv>.lora_layer.down.weight`` [r, Cin, k, k] (same kernel/stride/padding as the base conv)
-    -> peft ``<conv>.lora_A.default.weight``; official ``<conv>.lora_layer.up.weight`` [Cout, r, 1, 1]
-    -> peft ``<conv>.lora_B.default.weight``; the base conv moves to ``<conv>.base_layer``.
-  - No alpha in the official code (``network_alpha=None``): the scale is 1.0, i.e. peft ``lora_alpha = r``.
-    No LoRA bias, no dropout.
-  - Targets: the official rule (``build_peft_from_vae``) wraps every ``nn.Conv2d`` whose *LDM* module name
-    contains one of ``decoder_lora_module_list`` (MAR: ``conv1, conv2, upsample, downsample``) -- in the
-    encoder AND the decoder, despite the key's name. ``conv_in``, ``conv_out``, ``nin_shortcut``, attention,
-    ``quant_conv`` and ``post_quant_conv`` are not wrapped. The rule is applied to the LDM names (the
-    diffusers module names are mapped back with :func:`diffusers_to_ldm_module`).
-  - For the stride-2 downsample convs the LoRA ``down`` conv sees the already (0,1,0,1)-padded input, in the
-    official code and in diffusers' ``Downsample2D`` + peft alike.
-
-  The LoRA is kept unmerged by default (bit-for-bit the official forward structure); :meth:`merge_lora`
-  fuses it into the conv weights for faster inference (W' = W + up @ down), at float-rounding cost.
-
-Latent convention (official ``train_mar.py``): ``latent = posterior * latent_scale`` (0.2325, no shift; a
-``latent_shift`` from the config is honoured as ``(z - shift) * scale``) and ``decode`` divides by the scale
-first. The official code uses ``posterior.sample()`` even at evaluation; :meth:`CodaVAE.encode` uses the
-posterior **mean** (deterministic; this is what the parity fixture's main outputs use), and
-:meth:`CodaVAE.encode_sampled` replays the official sampling path, with injectable ``noise``.
-
-Checkpoint files (``from_official``, both formats): the base VAE (``kl16.safetensors`` or the fixture's
-``base_vae.safetensors`` in flat LDM naming; the FLUX ``vae/`` folder), then the LoRA-injected VAE state dict
-``vae_ema.pth`` (base + LoRA tensors, loaded strictly, as the official code does after ``build_peft_from_vae``).
-The raw ``vae.pth`` has exactly the same keys and base tensors (only the LoRA tensors differ: EMA vs. raw), so the
-file NAME is the only way to tell them apart: a file whose name does not contain ``ema`` is refused unless
-``allow_non_ema=True``.
+"""CODA's continuous VAEs: a frozen KL VAE (MAR KL-16 or FLUX.1, :class:`tokcli.nn.klvae.KLVAE`) with CODA's conv
+LoRA placed by the official rule, and the readers of the official checkpoint files in their two formats (``ldm``:
+coda-mar's flat LDM/MAR names, mapped to diffusers here; ``diffusers``: coda-flux, names as they are). Why the
+mapping and the LoRA targeting look the way they do: docs/design-notes.md, "Paper vs code".
 """
 
 from __future__ import annotations
@@ -78,11 +16,10 @@ import torch
 import torch.nn as nn
 
 from tokcli.errors import TokError
-from tokcli.nn.klvae import ADAPTER, KLVAE, diffusers_vae_kwargs, vae_block_from_diffusers_config
+from tokcli.nn.klvae import ADAPTER, KLVAE, diffusers_vae_kwargs, read_diffusers_vae
 
 __all__ = [
     "CodaVAE",
-    "CodaMARVAE",
     "checkpoint_format",
     "key_naming",
     "convert_diffusers_official_state_dict",
@@ -296,54 +233,15 @@ def convert_diffusers_official_state_dict(sd: Mapping[str, torch.Tensor],
 # ------------------------------------------------------------------------------------------- base VAE
 
 
-def _is_diffusers_vae_config(path: Path) -> bool:
-    """A diffusers ``AutoencoderKL`` config.json (not, e.g., a CODA config.json lying in the same folder)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("_class_name") == "AutoencoderKL"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _diffusers_folder(path: Path) -> Path | None:
-    """The diffusers ``AutoencoderKL`` folder ``path`` names (the folder itself, its ``vae/`` subfolder, or the
-    folder of a ``diffusion_pytorch_model*.safetensors`` file), or None when it is not one."""
-    if path.is_dir():
-        for d in (path, path / "vae"):
-            if _is_diffusers_vae_config(d / "config.json"):
-                return d
-        return None
-    if path.is_file() and path.name.startswith("diffusion_pytorch_model") and \
-            _is_diffusers_vae_config(path.parent / "config.json"):
-        return path.parent
-    return None
-
-
-def diffusers_base_config(path: str | os.PathLike) -> tuple[dict, float, float, Path] | None:
-    """(``vae`` block, scaling_factor, shift_factor, config path) of a diffusers VAE folder; None for a flat file."""
-    folder = _diffusers_folder(Path(path))
-    if folder is None:
-        return None
-    cfg_path = folder / "config.json"
-    try:
-        dcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TokError(f"cannot read the diffusers VAE config {cfg_path} ({e})") from None
-    block, scale, shift = vae_block_from_diffusers_config(dcfg)
-    return block, scale, shift, cfg_path
-
-
 def read_base_vae(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
     """The base VAE's tensors (float32, official key names: flat LDM or diffusers) and the weight file read.
 
     ``path`` is a diffusers folder (``vae/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``, 16-bit
     weights are converted to float32), a weight file inside one, or a flat file (``kl16.safetensors``)."""
     p = Path(path)
-    folder = _diffusers_folder(p)
-    if folder is not None:
-        from tokcli.nn.klvae import load_diffusers_vae
-
-        _, _, _, sd, _, weights = load_diffusers_vae(p if p.is_file() else folder)
-        return sd, weights
+    found = read_diffusers_vae(p, required=False)
+    if found is not None:
+        return found.state_dict(), found.weights_path
     if p.is_dir():
         raise TokError(f"{p} is a folder but not a diffusers VAE folder (config.json + "
                        f"diffusion_pytorch_model.safetensors)")
@@ -363,7 +261,7 @@ def complete_vae_config(cfg: Mapping[str, Any], base_path: str | os.PathLike | N
     ``shift_factor``); when the config has a block, it must describe the same architecture, else :class:`TokError`.
     Without a diffusers base the MAR defaults apply (scale 0.2325, no shift)."""
     out = dict(cfg)
-    found = diffusers_base_config(base_path) if base_path is not None else None
+    found = read_diffusers_vae(base_path, required=False) if base_path is not None else None
     if found is None:
         if "vae" not in out:
             raise TokError("CODA config has no 'vae' block (the VAE architecture sizes); for the diffusers format "
@@ -373,7 +271,7 @@ def complete_vae_config(cfg: Mapping[str, Any], base_path: str | os.PathLike | N
         if out.get("latent_shift") is None:
             out["latent_shift"] = 0.0
         return out
-    block, scale, shift, cfg_path = found
+    block, scale, shift, cfg_path = found.block, found.latent_scale, found.latent_shift, found.config_path
     if "vae" not in out:
         out["vae"] = block
     elif _architecture(out["vae"]) != _architecture(block):
@@ -394,7 +292,8 @@ def complete_vae_config(cfg: Mapping[str, Any], base_path: str | os.PathLike | N
 
 class CodaVAE(KLVAE):
     """The CODA VAE: :class:`~tokcli.nn.klvae.KLVAE` (diffusers ``AutoencoderKL``) with CODA's conv LoRA placed by
-    the official rule, and the loaders for the official checkpoint files in both formats (see the module docstring).
+    the official rule, and the loaders for the official checkpoint files in both formats (docs/design-notes.md,
+    "Paper vs code").
 
     ``vae_cfg`` is the ``vae`` block of the CODA config; its ``type`` picks the format (:func:`checkpoint_format`).
     Use :meth:`from_official` to build and load the official files; :meth:`add_lora` injects the adapters on the
@@ -510,6 +409,3 @@ class CodaVAE(KLVAE):
             model.add_lora(int(rank), mods)
             model.load_official_state_dict(sd, strict=True)
         return model.eval().requires_grad_(False)
-
-
-CodaMARVAE = CodaVAE  # the name before coda-flux; model.py and older code import it

@@ -43,7 +43,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 class KL(Tokenizer):
     family = FAMILY
 
-    def __init__(self, model_args: dict[str, Any]):
+    def __init__(self, **model_args):
         super().__init__()
         from tokcli.nn.klvae import KLVAE
 
@@ -62,20 +62,12 @@ class KL(Tokenizer):
             layout="rows, columns, channels (channels last); (posterior mean - latent_shift) * latent_scale",
             extra={"latent_scale": a["latent_scale"], "latent_shift": a["latent_shift"], "posterior": "mean"})
 
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        return {"image_size": self.model_args["image_size"], "crop": "adm_center", "value_range": [-1, 1],
-                "multiple_of": self.downsample}
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).permute(0, 2, 3, 1).contiguous()
+        return self.vae.encode(self.check_images(x)).permute(0, 2, 3, 1).contiguous()
 
-    def decode(self, tokens: torch.Tensor, *, seed=None, noise=None, clamp: bool = True) -> torch.Tensor:
-        t = torch.as_tensor(tokens, device=self.device, dtype=torch.float32)
-        if t.ndim != 4 or t.shape[-1] != self.latent_dim:
-            raise TokError(f"KL latents must be [N, h, w, {self.latent_dim}], got {list(t.shape)}")
-        y = self.vae.decode(t.permute(0, 3, 1, 2).contiguous())
-        return y.clamp(-1, 1) if clamp else y
+    def _decode(self, tokens: torch.Tensor, *, seed=None, noise=None) -> torch.Tensor:
+        t = self.token_tensor(tokens, (None, None, self.latent_dim), integer=False)
+        return self.vae.decode(t.permute(0, 3, 1, 2).contiguous())
 
     def forward(self, x: torch.Tensor):
         """Training forward: decode a posterior sample; aux["kl"] = KL(q(z|x) || N(0, I))."""
@@ -97,7 +89,3 @@ class KL(Tokenizer):
         self.model_args["latent_scale"] = self.vae.latent_scale = round(1.0 / std, 6)
         self.model_args["latent_shift"] = self.vae.latent_shift = 0.0
         return dict(self.model_args)
-
-
-def build(model_args: dict[str, Any]) -> KL:
-    return KL(model_args)

@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tokcli.core.checkpoint import ModelFolder, save_model_folder, sha256_file
+from tokcli.core.atomic import check_overwrite
+from tokcli.core.checkpoint import ModelFolder, sha256_file
 from tokcli.errors import TokError
-from tokcli.families.wetok.model import FAMILY, build, normalize_model_args, official_model_args
+from tokcli.families.wetok.model import WeTok, normalize_model_args, official_model_args
 
 CONVERTER = "tokcli.families.wetok.convert"
 OFFICIAL_REPO = "https://github.com/zhuangshaobin/WeTok"
@@ -130,9 +131,7 @@ def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLik
     ``model_args`` (wetok model_args, e.g. from the registry) are given; model_args win over the YAML.
     provenance: extra fields merged into config.json's provenance (e.g. the download URL as ``source``).
     """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise TokError(f"{dest} already exists (pass --overwrite to replace it)")
+    dest = check_overwrite(dest, overwrite)
     if model_args is not None:
         args = normalize_model_args(dict(model_args))
         config_gd = args["generative_decoder"]
@@ -156,7 +155,7 @@ def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLik
                      "the weight shape was used")
     args["generative_decoder"] = gd
 
-    model = build(args)
+    model = WeTok(**args)
     weights, n_ema, n_raw = pick_weights(model, sd)
     try:
         model.load_state_dict(weights, strict=True)
@@ -198,6 +197,5 @@ def convert_official(ckpt_path: str | os.PathLike, config_path: str | os.PathLik
         f"Paper: WeTok: Powerful Discrete Tokenization for High-Fidelity Visual Reconstruction (arXiv 2508.05599).\n"
         f"Load it with `tokcli.load(\"local-dir:PATH\")`.\n"
     )
-    return save_model_folder(dest, family=FAMILY, model_args=args, tokens=spec.to_dict(),
-                             preprocess=model.preprocess, state_dict=model.state_dict(), name=name,
-                             decode={"seed": 0} if gd else {}, provenance=prov, card=card, overwrite=overwrite)
+    model.decode_defaults = {"seed": 0} if gd else {}
+    return model.save_folder(dest, name=name, provenance=prov, card=card, overwrite=overwrite)

@@ -84,7 +84,6 @@ class WeTok(Tokenizer):
                                noise_channels=z if a["generative_decoder"] else 0)
         self.quantize = GroupLFQ(z, a["groups"], entropy_mode=a["entropy_mode"], sample_weight=a["sample_weight"],
                                  codebook_weight=a["codebook_weight"])
-        self.decode_defaults: dict[str, Any] = {}
         self._encoder_frozen = False
 
     # --- description ----------------------------------------------------------------------------------
@@ -108,24 +107,10 @@ class WeTok(Tokenizer):
                          downsample=self.downsample, layout=LAYOUT,
                          extra={"groups": q.groups, "bits_per_group": q.bits_per_group})
 
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        return {"image_size": self.model_args["image_size"], "crop": "adm_center", "value_range": [-1, 1],
-                "multiple_of": self.downsample}
-
     # --- inference ------------------------------------------------------------------------------------
-    def _check_images(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise TokError(f"expected images of shape [B, 3, H, W], got {tuple(x.shape)}")
-        f = self.downsample
-        if x.shape[2] % f or x.shape[3] % f:
-            raise TokError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the downsample factor {f}")
-
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> pre-quantization latent [B, z, H/f, W/f]."""
-        self._check_images(x)
-        p = next(self.encoder.parameters())
-        return self.encoder(x.to(device=p.device, dtype=p.dtype))
+        return self.encoder(self.check_images(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> LongTensor [B, H/f, W/f, g]."""
@@ -133,13 +118,9 @@ class WeTok(Tokenizer):
 
     def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [B, h, w, g] (or [h, w, g]) -> exact +-1 codes [B, z, h, w] on the model's device."""
-        if not isinstance(tokens, torch.Tensor):
-            raise TokError(f"tokens must be a torch tensor, got {type(tokens).__name__}")
-        if tokens.dim() == 3:
-            tokens = tokens.unsqueeze(0)
-        p = next(self.decoder.parameters())
+        t = self.token_tensor(tokens, (None, None, self.quantize.groups), integer=True)
         try:
-            return self.quantize.indices_to_codes(tokens.to(p.device), dtype=p.dtype)
+            return self.quantize.decode_ids(t, dtype=next(self.decoder.parameters()).dtype)
         except ValueError as e:
             raise TokError(f"invalid wetok tokens: {e}") from None
 
@@ -166,33 +147,27 @@ class WeTok(Tokenizer):
     def decode_codes(self, codes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """+-1 codes [B, z, h, w] -> raw (unclamped) images. The generative decoder draws global-RNG noise when
         ``noise`` is None (like the official ``randn_like``)."""
-        if self.generative and noise is None:
-            noise = self.make_noise(codes)
-        if not self.generative and noise is not None:
-            raise TokError("this wetok model has a deterministic decoder: it takes no noise")
-        return self.decoder(codes, noise.to(codes.device) if noise is not None else None)
-
-    def decode(self, tokens: torch.Tensor, *, seed: int | Sequence[int] | None = None, noise: torch.Tensor | None = None,
-               clamp: bool = True) -> torch.Tensor:
-        """Tokens [B, h, w, g] -> images [B, 3, h f, w f], clamped to [-1, 1] unless ``clamp=False``.
-
-        Generative decoder: ``noise`` (shape [B, z, h, w]) is used as given; otherwise it is drawn from a generator
-        seeded with ``seed`` (an int, or one int per image; default: the model folder's ``decode.seed``; neither:
-        the global RNG). ``seed`` is ignored by deterministic models."""
-        codes = self.tokens_to_codes(tokens)
-        if self.generative:
-            if noise is None:
-                if seed is None:
-                    seed = getattr(self, "decode_defaults", {}).get("seed")
-                noise = self.make_noise(codes, seed)
-            elif tuple(noise.shape) != tuple(codes.shape):
-                raise TokError(f"noise must have the latent's shape {tuple(codes.shape)}, got {tuple(noise.shape)}")
-            out = self.decoder(codes, noise.to(device=codes.device, dtype=codes.dtype))
-        else:
+        if not self.generative:
             if noise is not None:
                 raise TokError("this wetok model has a deterministic decoder: it takes no noise")
-            out = self.decoder(codes)
-        return out.clamp(-1, 1) if clamp else out
+            return self.decoder(codes)
+        if noise is None:
+            noise = self.make_noise(codes)
+        elif tuple(noise.shape) != tuple(codes.shape):
+            raise TokError(f"noise must have the latent's shape {tuple(codes.shape)}, got {tuple(noise.shape)}")
+        return self.decoder(codes, noise.to(device=codes.device, dtype=codes.dtype))
+
+    def _decode(self, tokens: torch.Tensor, *, seed: int | Sequence[int] | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [B, h, w, g] -> raw images [B, 3, h f, w f].
+
+        Generative decoder: ``noise`` (shape [B, z, h, w]) is used as given; otherwise it is drawn from a generator
+        seeded with ``seed`` (an int, or one int per image; the base class fills in the folder's ``decode.seed``;
+        neither: the global RNG). ``seed`` is ignored by deterministic models."""
+        codes = self.tokens_to_codes(tokens)
+        if self.generative and noise is None:
+            noise = self.make_noise(codes, seed)
+        return self.decode_codes(codes, noise)
 
     # --- training -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -204,9 +179,8 @@ class WeTok(Tokenizer):
                 z = self.encode_latent(x)
         else:
             z = self.encode_latent(x)
-        codes, aux = self.quantize(z)  # the quantizer is in eval mode (no entropy terms) when frozen
-        recon = self.decode_codes(codes, noise)
-        return recon, aux
+        q = self.quantize(z)  # the quantizer is in eval mode (no entropy terms) when frozen
+        return self.decode_codes(q.quantized, noise), {**q.losses, **q.stats, "indices": q.ids}
 
     def freeze_encoder(self) -> "WeTok":
         """Stage-2 (generative decoder) training: freeze encoder + quantizer (no grads, eval mode, no entropy
@@ -234,15 +208,8 @@ class WeTok(Tokenizer):
         new = copy.deepcopy(self)
         new.decoder.add_noise_input(self.model_args["z_channels"])
         new.model_args = {**self.model_args, "generative_decoder": True}
-        new.decode_defaults = {**getattr(self, "decode_defaults", {}), "seed": 0}
+        new.decode_defaults = {**self.decode_defaults, "seed": 0}
         return new
-
-
-def build(model_args: dict[str, Any]) -> WeTok:
-    """Instantiate a randomly initialised WeTok from JSON model_args (see DEFAULT_ARGS)."""
-    if not isinstance(model_args, dict):
-        raise TokError(f"wetok model_args must be a dict, got {type(model_args).__name__}")
-    return WeTok(**model_args)
 
 
 def official_model_args(init_args: dict[str, Any], *, image_size: int = 256) -> dict[str, Any]:
