@@ -14,13 +14,13 @@ all alike; at least ``--iters`` rounds, more for cheap configurations, up to ``-
   entropy at T = 0.01, vq terms), under ``torch.no_grad`` (no autograd graph: the cheapest the training path gets);
 - ``dense``: a literal official-style transcription, also under no_grad: dense logits, softmax, argmax of the
   softmax, a dense one-hot, ``(hard - sg(soft) + soft) @ values``, ``hard @ values``, vq and entropy terms;
-- ``decode``: ``decode_indices`` (gather + bicubic upsampling).
+- ``decode``: ``decode_ids`` (gather + bicubic upsampling).
 
 The ids of ``encode`` must equal ``forward``'s bit for bit (the script exits with status 1 otherwise); the share of
 ids equal to the official-style argmax-of-softmax is reported too. Dense paths whose tensors would not fit in
 ``--max-dense-gib`` (default: half the free memory, at most 8 GiB on CPU) are skipped and say so.
 
-(b) LoRA: the CODA MAR VAE (``CodaMARVAE`` with the coda-mar registry ``vae`` block, random weights) with rank-32
+(b) LoRA: the CODA MAR VAE (``CodaVAE`` with the coda-mar registry ``vae`` block, random weights) with rank-32
 LoRA on conv1 / conv2 / upsample / downsample and random non-zero LoRA B weights, encode + decode of one 256 px image:
 unfused (peft adapters run beside the convs, as in training) against a copy with ``merge_lora()`` (as ``tokcli.load``
 runs it). The two alternate call by call so that background load hits both alike; reported: median seconds, the
@@ -141,7 +141,7 @@ def bench_quantizer(name: str, batch: int, device: torch.device, warmup: int, it
     row = {"config": name, "batch": batch, "codebook_size": V, "tokens": q.num_tokens, "latent": side}
     with torch.no_grad():
         ids = q.flatten_indices(q.encode(f))
-        fns = {"encode_s": lambda: q.encode(f), "decode_s": lambda: q.decode_indices(ids)}
+        fns = {"encode_s": lambda: q.encode(f), "decode_s": lambda: q.decode_ids(ids)}
         # the largest dense [rows, V] fp32 tensor, times the ~8 of them the dense paths keep alive at once
         need = 8 * batch * side * side * V * 4 / 2 ** 30
         row["dense_need_gib"] = round(need, 2)
@@ -149,12 +149,12 @@ def bench_quantizer(name: str, batch: int, device: torch.device, warmup: int, it
             row["skipped"] = f"dense paths need ~{need:.1f} GiB > --max-dense-gib {max_dense_gib:.1f}"
         else:
             out = q(f)
-            row["ids_equal_forward"] = bool(torch.equal(q.flatten_indices(out.indices), ids))
-            row["decode_equal_forward"] = bool(torch.equal(q.decode_indices(ids), out.quantized))
+            row["ids_equal_forward"] = bool(torch.equal(q.flatten_indices(out.ids), ids))
+            row["decode_equal_forward"] = bool(torch.equal(q.decode_ids(ids), out.quantized))
             del out
             off_ids, off_fhat = official_style_forward(q, f)
             row["ids_equal_dense_share"] = (off_ids == ids).float().mean().item()
-            row["dense_fhat_maxdiff"] = (off_fhat - q.decode_indices(ids)).abs().max().item()
+            row["dense_fhat_maxdiff"] = (off_fhat - q.decode_ids(ids)).abs().max().item()
             del off_ids, off_fhat
             fns |= {"forward_s": lambda: q(f), "dense_s": lambda: official_style_forward(q, f)}
         row |= time_interleaved(fns, device, warmup, iters, min_seconds)
@@ -171,12 +171,12 @@ def bench_quantizer(name: str, batch: int, device: torch.device, warmup: int, it
 
 def bench_lora(device: torch.device, reps: int, size: int, b_std: float) -> dict:
     from tokcli.families.coda.registry import REGISTRY
-    from tokcli.families.coda.vae import CodaMARVAE
+    from tokcli.families.coda.vae import CodaVAE
 
     entry = next(e for e in REGISTRY if e.name == "coda-mar")
     args = entry.model_args
     torch.manual_seed(0)
-    unfused = CodaMARVAE(args["vae"], latent_scale=args["latent_scale"], latent_shift=args["latent_shift"])
+    unfused = CodaVAE(args["vae"], latent_scale=args["latent_scale"], latent_shift=args["latent_shift"])
     targets = unfused.add_lora(LORA_RANK, LORA_MODULES)
     with torch.no_grad():
         for n, p in unfused.vae.named_parameters():

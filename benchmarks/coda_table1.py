@@ -1,6 +1,6 @@
 """CODA's Table 1 at small scale: what each ingredient adds on one frozen continuous VAE.
 
-    python benchmarks/coda_table1.py                      # weights/kl-tiny + weights/coda-tiny, data/train, data/heldout
+    python benchmarks/coda_table1.py    # tokcli/weights/kl-tiny + tokcli/weights/coda-tiny, data/train, data/heldout
 
 Rows (same VAE, same codebook size, same training crops and steps for rows 1-3):
 
@@ -72,7 +72,7 @@ def train_quantizer(q: MultiScaleAttentionQuantizer, lat: torch.Tensor, steps: i
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(len(lat), (batch,), generator=g)
         out = q(lat[idx])
-        loss = out.vq_loss + entropy_weight * out.entropy_loss
+        loss = out.losses["vq"] + entropy_weight * out.losses["entropy"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(q.parameters(), 10.0)
@@ -88,7 +88,7 @@ def evaluate(name: str, encode_latent, quantizer, decode_latent, x: torch.Tensor
     for i in range(0, len(x), batch):
         f = encode_latent(x[i:i + batch])
         levels = quantizer.encode(f)
-        f_hat = quantizer.decode_indices(levels, size=tuple(f.shape[-2:]))
+        f_hat = quantizer.decode_ids(levels, size=tuple(f.shape[-2:]))
         errs.append(float(((f - f_hat) ** 2).sum()))
         f2.append(float((f ** 2).sum()))
         ids.append(quantizer.flatten_indices(levels))
@@ -107,8 +107,8 @@ def evaluate(name: str, encode_latent, quantizer, decode_latent, x: torch.Tensor
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vae", default="weights/kl-tiny", help="the frozen continuous VAE (kl model folder)")
-    ap.add_argument("--coda", default="weights/coda-tiny", help="the LoRA-adapted CODA model (row 4); '' skips")
+    ap.add_argument("--vae", default="tokcli/weights/kl-tiny", help="the frozen continuous VAE (kl model folder)")
+    ap.add_argument("--coda", default="tokcli/weights/coda-tiny", help="the LoRA-adapted CODA model (row 4); '' skips")
     ap.add_argument("--train", nargs="+", default=["data/train"])
     ap.add_argument("--eval", nargs="+", default=["data/heldout"])
     ap.add_argument("--train-crops", type=int, default=1024)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokcli.families.wetok import build  # noqa: E402
+from tokcli.families.wetok.model import WeTok  # noqa: E402
 
 CONFIGS = {
     # the parity fixture's architecture (tiny)
@@ -121,7 +121,7 @@ def official_flags():
 
 def bench_config(name, args, device, batch, size, warmup, iters, official_mods, official_input, memory_format):
     torch.manual_seed(0)
-    model = build({**args, "image_size": size}).to(device).eval()
+    model = WeTok(**args, image_size=size).to(device).eval()
     if memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     nparams = sum(p.numel() for p in model.parameters())

@@ -42,7 +42,7 @@ def test_help_does_not_import_torch():
 
 
 def test_models_json():
-    p = run_tok("models", "--json")
+    p = run_tok("models", "--json", subprocess=True)  # smoke test of the real entry point
     assert p.returncode == 0, p.stderr
     rows = {r["name"]: r for r in json.loads(p.stdout)}
     assert rows["wetok-16x"]["hub_repo"] == "GrayShine/WeTok"
@@ -79,9 +79,10 @@ def test_convert_offline_names_file_and_command(tmp_path):
 
 def test_encode_decode_equals_reconstruct(tiny_model, images, tmp_path):
     codes = tmp_path / "codes.npz"
-    p = run_tok("encode", images, "-m", tiny_model, "-o", codes, "-b", "2", "--device", "cpu")
+    p = run_tok("encode", images, "-m", tiny_model, "-o", codes, "-b", "2", "--device", "cpu",
+                subprocess=True)  # a real-process round trip: decode (process) == reconstruct (in-process)
     assert p.returncode == 0, p.stderr.decode()
-    p = run_tok("decode", codes, "-o", tmp_path / "dec", "-b", "2")
+    p = run_tok("decode", codes, "-o", tmp_path / "dec", "-b", "2", subprocess=True)
     assert p.returncode == 0, p.stderr.decode()
     p = run_tok("reconstruct", images, "-m", tiny_model, "-o", tmp_path / "rec", "-b", "2")
     assert p.returncode == 0, p.stderr.decode()

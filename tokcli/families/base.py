@@ -113,22 +113,21 @@ class Tokenizer(TokModel):
         if x.shape[2] % m or x.shape[3] % m:
             raise TokError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of {m} (what the "
                            f"{self.family} model needs)")
-        p = next(self.parameters())
-        return x.to(device=p.device, dtype=p.dtype)
+        p = next(self.parameters(), None)
+        return x if p is None else x.to(device=p.device, dtype=p.dtype)
 
-    def token_tensor(self, tokens, shape: Sequence[int | None], *, integer: bool) -> torch.Tensor:
+    def token_tensor(self, tokens, shape: Sequence[int | str], *, integer: bool) -> torch.Tensor:
         """Tokens as a batched tensor on the model's device (int64 ids, or float32 latents), with a one-line
-        :class:`TokError` when the per-image shape is not ``shape`` (None = any size on that axis). An unbatched
-        token tensor (one image) gets its batch axis."""
+        :class:`TokError` when the per-image shape is not ``shape`` (a name, e.g. ``"h"``: any size on that axis).
+        An unbatched token tensor (one image) gets its batch axis."""
         t = torch.as_tensor(tokens, device=self.device)
         if integer and (t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool):
             raise TokError(f"{self.family} tokens must be integers, got {t.dtype}")
         t = t.long() if integer else t.float()
         if t.dim() == len(shape):
             t = t.unsqueeze(0)
-        if t.dim() != len(shape) + 1 or any(s is not None and s != n for s, n in zip(shape, t.shape[1:])):
-            want = ", ".join("*" if s is None else str(s) for s in shape)
-            raise TokError(f"{self.family} tokens must be [N, {want}], got {list(t.shape)}")
+        if t.dim() != len(shape) + 1 or any(isinstance(s, int) and s != n for s, n in zip(shape, t.shape[1:])):
+            raise TokError(f"{self.family} tokens must be [N, {', '.join(map(str, shape))}], got {list(t.shape)}")
         return t
 
     def _decode(self, tokens: torch.Tensor, *, seed=None, noise=None, **sampler) -> torch.Tensor:

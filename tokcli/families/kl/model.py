@@ -66,7 +66,7 @@ class KL(Tokenizer):
         return self.vae.encode(self.check_images(x)).permute(0, 2, 3, 1).contiguous()
 
     def _decode(self, tokens: torch.Tensor, *, seed=None, noise=None) -> torch.Tensor:
-        t = self.token_tensor(tokens, (None, None, self.latent_dim), integer=False)
+        t = self.token_tensor(tokens, ("h", "w", self.latent_dim), integer=False)
         return self.vae.decode(t.permute(0, 3, 1, 2).contiguous())
 
     def forward(self, x: torch.Tensor):

@@ -118,7 +118,7 @@ class WeTok(Tokenizer):
 
     def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [B, h, w, g] (or [h, w, g]) -> exact +-1 codes [B, z, h, w] on the model's device."""
-        t = self.token_tensor(tokens, (None, None, self.quantize.groups), integer=True)
+        t = self.token_tensor(tokens, ("h", "w", self.quantize.groups), integer=True)
         try:
             return self.quantize.decode_ids(t, dtype=next(self.decoder.parameters()).dtype)
         except ValueError as e:

@@ -1,4 +1,5 @@
-"""Registry entries for WeTok: the demo model shipped in weights/ and the official releases (GrayShine/WeTok).
+"""Registry entries for WeTok: the demo model shipped in tokcli/weights/ and the official releases
+(GrayShine/WeTok).
 
 Architectures come from the official inference configs (configs/WeToK/Inference/*.yaml); metrics are the paper's
 (Tables 3 and 4, 256x256, ImageNet-val 50k). The GeneralDomain file paths are inferred from the official scripts
@@ -21,7 +22,7 @@ REGISTRY = [
     ModelEntry(
         name="wetok-tiny", family="wetok", shipped=True, license="apache-2.0",
         description="demo WeTok (ds8, 2 groups x 8 bits) trained by tok on CPU on 32 openly licensed photos",
-        notes="see weights/wetok-tiny/README.md for data, training and measured quality",
+        notes="see tokcli/weights/wetok-tiny/README.md for data, training and measured quality",
     ),
     ModelEntry(
         name="wetok-16x", family="wetok", model_args=_args([1, 1, 2, 2, 4]),
