@@ -136,16 +136,82 @@ def _torch_state() -> Iterator[None]:
             np.random.set_state(np_rng)
 
 
+class _BinaryCapture(io.BufferedIOBase):
+    """``sys.stdout.buffer`` of a :class:`_TextCapture` (binary writes such as ``tok encode -o -``)."""
+
+    def __init__(self, owner: "_TextCapture"):
+        super().__init__()
+        self._owner = owner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self._owner._write_bytes(bytes(b))
+
+
+class _TextCapture(io.TextIOBase):
+    """A text stream whose text and binary (``.buffer``) writes land, in order, in one byte buffer while the call
+    runs. Afterwards it forwards to whatever ``sys.<name>`` is then: a logging handler or other object that kept
+    a reference (diffusers / huggingface_hub create their StreamHandler on first import) never writes into a
+    dead stream, and its later lines show up where a real process would print them."""
+
+    def __init__(self, name: str, errors: str):
+        super().__init__()
+        self._name, self._errors = name, errors
+        self._bytes = io.BytesIO()
+        self._live = True
+        self.buffer = _BinaryCapture(self)
+
+    encoding = property(lambda self: "utf-8")
+    errors = property(lambda self: self._errors)
+    name = property(lambda self: f"<captured {self._name}>")
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def _target(self):
+        cur = getattr(sys, self._name)
+        return cur if cur is not self else getattr(sys, f"__{self._name}__")
+
+    def _write_bytes(self, b: bytes) -> int:
+        if self._live:
+            self._bytes.write(b)
+        else:
+            t = self._target()
+            t.buffer.write(b) if hasattr(t, "buffer") else t.write(b.decode("utf-8", "backslashreplace"))
+        return len(b)
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self._live:
+            self._bytes.write(s.encode("utf-8", self._errors))
+        else:
+            self._target().write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        if not self._live:
+            with contextlib.suppress(Exception):
+                self._target().flush()
+
+    def finish(self) -> bytes:
+        self._live = False
+        return self._bytes.getvalue()
+
+
 class _Streams:
-    """stdin/stdout/stderr as text wrappers over byte buffers (``sys.stdout.buffer`` takes binary writes such as
-    ``tok encode -o -``; ``sys.stdin.buffer`` serves ``tok decode -``). write_through keeps text and binary writes
-    in order."""
+    """stdin/stdout/stderr of one call: stdin reads ``input`` (``sys.stdin`` text and ``sys.stdin.buffer``),
+    stdout/stderr are captured as bytes."""
 
     def __init__(self, input: bytes | None):
-        self._in, self._out, self._err = io.BytesIO(input or b""), io.BytesIO(), io.BytesIO()
-        self.stdin = io.TextIOWrapper(self._in, encoding="utf-8")
-        self.stdout = io.TextIOWrapper(self._out, encoding="utf-8", write_through=True)
-        self.stderr = io.TextIOWrapper(self._err, encoding="utf-8", errors="backslashreplace", write_through=True)
+        self.stdin = io.TextIOWrapper(io.BytesIO(input or b""), encoding="utf-8")
+        self.stdout = _TextCapture("stdout", "strict")
+        self.stderr = _TextCapture("stderr", "backslashreplace")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -157,13 +223,8 @@ class _Streams:
             sys.stdin, sys.stdout, sys.stderr = old
 
     def values(self) -> tuple[bytes, bytes]:
-        """(stdout, stderr) bytes; the wrappers are detached so that closing them never closes the buffers."""
-        out = []
-        for w, buf in ((self.stdout, self._out), (self.stderr, self._err)):
-            with contextlib.suppress(ValueError):  # the command closed the stream: keep what it wrote
-                w.flush()
-            out.append(buf.getvalue() if not buf.closed else b"")
-        return out[0], out[1]
+        """(stdout, stderr) bytes; from now on the capture streams forward to the real ones."""
+        return self.stdout.finish(), self.stderr.finish()
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -202,9 +263,5 @@ def run_inprocess(args: Sequence[object], *, input: bytes | None = None, env: Ma
         except BaseException:  # noqa: BLE001 - an uncaught error: a real process prints the traceback, exits 1
             code = 1
             traceback.print_exc()
-        finally:
-            with contextlib.suppress(ValueError):
-                sys.stdout.flush()
-                sys.stderr.flush()
     stdout, stderr = streams.values()
     return subprocess.CompletedProcess(["tok", *argv], code, stdout, stderr)

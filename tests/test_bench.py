@@ -112,6 +112,7 @@ def test_n_and_legacy_mode_change_the_number(tiny_model, images):
     assert full["protocol"]["data"]["n_inputs"] == 5 and two["protocol"]["data"]["n_inputs"] == 2
 
 
+@pytest.mark.slow  # four 2048x2048 sqrtm (Frechet distance), ~20 s each on one core
 def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_home, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     import torch

@@ -77,6 +77,7 @@ def test_convert_offline_names_file_and_command(tmp_path):
     assert "GrayShine/WeTok:ImageNet/downsample8/WeTok.ckpt" in msg and "hf download" in msg
 
 
+@pytest.mark.slow  # two real `python -m tokcli` processes (the entry-point smoke test)
 def test_encode_decode_equals_reconstruct(tiny_model, images, tmp_path):
     codes = tmp_path / "codes.npz"
     p = run_tok("encode", images, "-m", tiny_model, "-o", codes, "-b", "2", "--device", "cpu",

@@ -171,3 +171,195 @@ def test_bits_per_pixel():
     assert r["token_bpp"] == 0.125 and r["file_bpp"] == 4096 * 8 / (2 * 65536)
     with pytest.raises(ValueError):
         bits_per_pixel(1, 0, 256, 256)
+
+
+# ------------------------------------------------------------------------- the metric objects of `tok bench`
+
+
+def _spec(kind="indices", shape=(4, 4, 2), codebook_size=16, **extra):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kind=kind, shape=tuple(shape), codebook_size=codebook_size, extra=extra)
+
+
+def _batches(n=7, size=16, per=3, token_shape=(4, 4, 2), codebook_size=16, seed=0):
+    """Batches of (original, reconstruction, tokens) of n images, ``per`` at a time, indices 0..n-1."""
+    import torch
+
+    from tokcli.metrics.base import Batch
+
+    rng = np.random.default_rng(seed)
+    orig = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    noise = rng.normal(0, 12, orig.shape)
+    recon = torch.from_numpy(np.clip((orig + noise) / 127.5 - 1, -1.2, 1.2)).permute(0, 3, 1, 2).float()
+    recon[2] = torch.from_numpy(orig[2] / 127.5 - 1).permute(2, 0, 1)  # one perfect reconstruction: PSNR cap
+    tokens = rng.integers(0, codebook_size, (n, *token_shape)).astype(np.uint16)
+    return [Batch([f"k{i}" for i in range(s, min(s + per, n))], list(range(s, min(s + per, n))), orig[s:s + per],
+                  recon[s:s + per], tokens[s:s + per]) for s in range(0, n, per)]
+
+
+def _shard(batches, rank, world):
+    """The batches rank ``rank`` of ``world`` would see (every world-th image), re-batched."""
+    from tokcli.metrics.base import Batch
+
+    out = []
+    for b in batches:
+        take = [j for j, i in enumerate(b.index) if i % world == rank]
+        if take:
+            out.append(Batch([b.keys[j] for j in take], [b.index[j] for j in take], b.orig[take], b.recon[take],
+                             b.tokens[take]))
+    return out
+
+
+def _one_and_merged(make, batches):
+    """(metric fed every batch, metric merged from two interleaved halves)."""
+    whole = make()
+    for b in batches:
+        whole.update(b)
+    halves = []
+    for rank in (0, 1):
+        m = make()
+        for b in _shard(batches, rank, 2):
+            m.update(b)
+        halves.append(m)
+    merged = make()
+    merged.merge([h.state() for h in halves])
+    return whole, merged
+
+
+@pytest.mark.parametrize("mode", ["tok", "wetok", "flowmo", "llamagen"])
+def test_psnr_ssim_merge_of_two_halves_equals_one_pass(mode):
+    from tokcli.metrics.pixel import PSNR, SSIM
+
+    batches = _batches()
+    for make in (lambda: PSNR(mode), lambda: SSIM(mode, size=16)):
+        whole, merged = _one_and_merged(make, batches)
+        assert merged.index == whole.index == list(range(7))  # back in input order
+        assert merged.values == whole.values
+        assert merged.result() == whole.result() and merged.per_image() == whole.per_image()
+        assert merged.protocol() == whole.protocol()
+    psnr_metric, _ = _one_and_merged(lambda: PSNR(mode), batches)
+    if mode == "tok":
+        assert psnr_metric.values[2] == 100.0  # identical images: capped, not inf
+    if mode == "flowmo":  # one MSE per 5 consecutive images, from the per-image values in input order
+        assert "one MSE per 5" in psnr_metric.protocol()["psnr"]
+        assert psnr_metric.result()["psnr"] != pytest.approx(np.mean(psnr_metric.values))
+
+
+def test_psnr_metric_values_and_checks():
+    from tokcli.errors import TokUsageError
+    from tokcli.metrics.pixel import PSNR, SSIM
+
+    batches = _batches()
+    m = PSNR()
+    for b in batches:
+        m.update(b)
+    expected = np.minimum(np.concatenate([psnr(b.orig, b.recon_u8) for b in batches]), 100.0)
+    assert m.values == expected.tolist() and m.result()["psnr"] == float(np.mean(expected))
+    with pytest.raises(TokUsageError, match="--psnr-mode"):
+        PSNR("adm")
+    with pytest.raises(TokUsageError, match="at least 11x11"):
+        SSIM(size=10)
+
+
+def test_usage_merge_of_two_halves_equals_one_pass():
+    from tokcli.metrics.usage import Usage
+
+    batches = _batches()
+    spec = _spec(groups=2, bits_per_group=4)
+    whole, merged = _one_and_merged(lambda: Usage(spec), batches)
+    assert np.array_equal(merged.codes.counts, whole.codes.counts)
+    assert np.array_equal(merged.joint.counts, whole.joint.counts)
+    r = whole.result()["usage"]
+    assert merged.result()["usage"] == r
+    tokens = np.concatenate([b.tokens for b in batches]).astype(np.int64)
+    assert r["tokens"] == tokens.size and len(r["groups"]) == 2
+    assert r["groups"][1]["used"] == len(np.unique(tokens[..., 1]))
+    assert r["joint"]["codebook_size"] == 256 and r["joint"]["tokens"] == tokens.size // 2
+    assert r["joint"]["used"] == len(np.unique(tokens[..., 0] + 16 * tokens[..., 1]))
+    # a rank without images contributes nothing
+    empty = Usage(spec)
+    empty.merge([Usage(spec).state(), whole.state()])
+    assert empty.result() == whole.result()
+
+
+def test_usage_of_a_1d_token_spec_counts_one_group():
+    """Groups come from the token spec, not from the rank of the token tensor: CODA's [680] is one codebook."""
+    from tokcli.metrics.usage import Usage, spec_groups
+
+    spec = _spec(shape=(680,), codebook_size=4096, patch_size_list=[1, 2])
+    assert spec_groups(spec) is None
+    batches = _batches(token_shape=(680,), codebook_size=4096)
+    whole, merged = _one_and_merged(lambda: Usage(spec), batches)
+    r = whole.result()["usage"]
+    assert "groups" not in r and r["joint"] is None and r["tokens"] == 7 * 680
+    assert merged.result() == whole.result()
+    tokens = np.concatenate([b.tokens for b in batches])
+    assert r["used"] == len(np.unique(tokens)) and r["codebook_size"] == 4096
+    # a 3-D index tensor whose spec declares no groups is still one codebook
+    three = Usage(_spec(shape=(4, 4, 2)))
+    for b in _batches():
+        three.update(b)
+    assert "groups" not in three.result()["usage"] and three.joint is None
+    # a declared single group is reported as one group; no joint code
+    one = Usage(_spec(shape=(4, 4, 1), groups=1))
+    for b in _batches(token_shape=(4, 4, 1)):
+        one.update(b)
+    assert len(one.result()["usage"]["groups"]) == 1 and one.joint is None
+    with pytest.raises(ValueError, match="declares 2 groups"):
+        Usage(_spec(groups=2)).update(_batches(token_shape=(4, 4, 3))[0])
+
+
+def test_bpp_metric_uses_the_token_helpers():
+    from tokcli.metrics.usage import Bpp
+
+    batches = _batches()
+    whole, merged = _one_and_merged(lambda: Bpp(_spec(), 16), batches)
+    b = whole.result()["bpp"]
+    assert merged.result() == whole.result()
+    assert b["tokens_per_image"] == 32 and b["tokens"] == 32 * 4 / 256
+    assert b["stored_bytes_per_image"] == 32 and b["stored_bpp"] == 32 * 8 / 256  # uint8 for 16 codes
+    assert b["compression_ratio"] == 24 * 256 / (32 * 4)
+    assert Bpp(_spec(), 16).result() == {}  # no batch seen
+    lat = Bpp(_spec(kind="latents", codebook_size=None), 16)
+    lat.update(batches[0])
+    assert lat.result()["bpp"]["tokens"] == 32 * 16 / 256 and lat.result()["bpp"]["stored_bpp"] is None
+
+
+def _fake_rfid(**kw):
+    """An RFID metric whose "Inception features" are integer pixel values (float64 sums of them are exact)."""
+    from tokcli.metrics.rfid import RFID
+
+    m = RFID(None, "0" * 64, **kw)
+    m._features = lambda images: np.tile(np.asarray(images, np.float64).reshape(len(images), -1)[:, :64], 32)
+    return m
+
+
+def test_rfid_merge_of_two_halves_adds_the_float64_sums():
+    import torch
+
+    batches = _batches()
+    whole, merged = _one_and_merged(_fake_rfid, batches)
+    for side in ("fake", "real"):
+        a, b = getattr(whole, side), getattr(merged, side)
+        assert a.n == b.n == 7
+        assert torch.equal(a.sum, b.sum) and torch.equal(a.outer, b.outer)
+    feats = whole._features(np.concatenate([b.orig for b in batches]))
+    np.testing.assert_array_equal(whole.real.mean(), feats.mean(0))
+    assert whole.notes() and "7 images" in whole.notes()[0]
+    # only the primary rank computes the distance; every rank checks N
+    secondary = _fake_rfid(primary=False)
+    secondary.merge([whole.state()])
+    assert secondary.result() == {}
+    from tokcli.errors import TokError
+
+    one = _fake_rfid()
+    one.update(batches[0].__class__(["a"], [0], batches[0].orig[:1], batches[0].recon[:1], batches[0].tokens[:1]))
+    with pytest.raises(TokError, match="at least 2 images"):
+        one.result()
+    # against a reference file there are no statistics of the originals to merge
+    from tokcli.metrics.fid_stats import FeatureStats
+
+    ref = FeatureStats().update(feats)
+    a, b = _one_and_merged(lambda: _fake_rfid(ref=ref, ref_path="ref.npz"), batches)
+    assert a.real is None and b.real is None and torch.equal(a.fake.outer, b.fake.outer)

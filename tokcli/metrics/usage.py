@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from tokcli.metrics.base import Batch, Metric
+
 
 def _stats(counts: np.ndarray) -> dict[str, Any]:
     total = int(counts.sum())
@@ -124,3 +126,91 @@ def bpp_report(token_file, height: int, width: int, *, file_bytes: int | None = 
     if file_bytes is not None and len(token_file):
         out["file_bpp"] = bits_per_pixel(8 * file_bytes, len(token_file), height, width)
     return out
+
+
+# ------------------------------------------------------------------------------------------- bench metric objects
+
+JOINT_MAX = 1 << 20  # joint-code usage is counted when the joint codebook has at most this many entries
+
+
+def spec_groups(spec) -> int | None:
+    """The number of separately quantized groups the token spec declares (``extra["groups"]``, the last token axis:
+    WeTok's [h, w, g]), or None when it declares none: then every index is one draw from one codebook (a 1-D CODA
+    spec [680] is one group, whatever the rank of its token tensor)."""
+    groups = (getattr(spec, "extra", None) or {}).get("groups")
+    return None if groups is None else int(groups)
+
+
+class Usage(Metric):
+    """Codebook usage and perplexity of an ``indices`` token spec: pooled, per group (when the spec declares
+    groups), and of the joint code (group j is digit j, base codebook_size) where that codebook is countable."""
+
+    name = "usage"
+
+    def __init__(self, spec) -> None:
+        if spec.kind != "indices":
+            raise ValueError(f"codebook usage needs index tokens, not {spec.kind!r}")
+        self.groups = spec_groups(spec)
+        self.codebook_size = int(spec.codebook_size)
+        self.codes = UsageCounter(self.codebook_size, group_axis=-1 if self.groups is not None else None)
+        g = self.groups or 1
+        self.joint = UsageCounter(self.codebook_size ** g) if 1 < g and self.codebook_size ** g <= JOINT_MAX else None
+
+    def update(self, batch: Batch) -> None:
+        tokens = np.asarray(batch.tokens)
+        if self.groups is not None and tokens.shape[-1] != self.groups:
+            raise ValueError(f"the token spec declares {self.groups} groups on the last axis, tokens have shape "
+                             f"{tokens.shape}")
+        self.codes.update(tokens)
+        if self.joint is not None:
+            base = self.codebook_size ** np.arange(tokens.shape[-1], dtype=np.int64)
+            self.joint.update((tokens.astype(np.int64) * base).sum(axis=-1))
+
+    def state(self):
+        return self.codes.counts, (self.joint.counts if self.joint is not None else None)
+
+    def merge(self, parts: list) -> None:
+        for pos, counter in ((0, self.codes), (1, self.joint)):
+            if counter is not None:
+                counts = [p[pos] for p in parts if p[pos] is not None]
+                counter.counts = sum(counts[1:], counts[0]) if counts else None
+
+    def result(self) -> dict:
+        return {"usage": {**self.codes.result(), "joint": self.joint.result() if self.joint is not None else None}}
+
+
+class Bpp(Metric):
+    """Bits per pixel of the tokens (``token_bits_per_image``; latents at 16 bits) at the evaluation ``size``, as the
+    token file stores them (indices: the smallest unsigned dtype for the codebook), and the compression ratio
+    against 8-bit RGB pixels."""
+
+    name = "bpp"
+
+    def __init__(self, spec, size: int) -> None:
+        self.spec, self.size = spec, int(size)
+        self.tokens_shape: tuple | None = None
+
+    def update(self, batch: Batch) -> None:
+        self.tokens_shape = tuple(batch.tokens.shape[1:])
+
+    def state(self):
+        return self.tokens_shape
+
+    def merge(self, parts: list) -> None:
+        self.tokens_shape = next((t for t in parts if t is not None), None)
+
+    def result(self) -> dict:
+        if self.tokens_shape is None:
+            return {}
+        spec, size = self.spec, self.size
+        n_tok = math.prod(self.tokens_shape)
+        bits = token_bits_per_image(spec.kind, self.tokens_shape, codebook_size=spec.codebook_size)
+        stored = None
+        if spec.kind == "indices":
+            from tokcli.core.tokens import index_dtype
+
+            stored = n_tok * np.dtype(index_dtype(spec.codebook_size - 1)).itemsize
+        return {"bpp": {"tokens": bits_per_pixel(bits, 1, size, size), "tokens_per_image": n_tok,
+                        "stored_bytes_per_image": stored,
+                        "stored_bpp": bits_per_pixel(stored * 8, 1, size, size) if stored else None,
+                        "compression_ratio": 24 * size * size / bits}}
