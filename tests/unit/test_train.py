@@ -17,7 +17,7 @@ from PIL import Image
 from tokcli.errors import MissingWeightsError, TokUsageError
 from tokcli.train.recipe import load_recipe, recipe_from_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The smallest WeTok the family accepts (GroupNorm needs widths that are multiples of 32): ~0.2 M parameters.
 TINY_ARGS = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 8, "groups": 2, "codebook_size": 16,

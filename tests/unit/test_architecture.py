@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PKG = "tokcli"
-ROOT = Path(__file__).resolve().parents[1] / PKG
+ROOT = Path(__file__).resolve().parents[2] / PKG
 
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_tok, write_images
 
-PLUGINS = Path(__file__).resolve().parent / "plugins"
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 
 
 @pytest.fixture(scope="module")
