@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
@@ -21,6 +22,11 @@ TOK_FORMAT = 1
 PAYLOADS = ("indices", "bits", "latents")
 MANIFEST = "manifest.json"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+KNOWN_MEMBERS = ("header", "keys", "labels", *PAYLOADS)
+MAX_HEADER_BYTES = 16 << 20        # the JSON header of a token file is a few kB
+MAX_COMPRESSION_RATIO = 100        # tok writes members uncompressed; a deflated member may shrink this much...
+RATIO_FREE_BYTES = 16 << 20        # ... once its data is larger than this (zeros deflate ~1000:1: a zip bomb)
 
 
 @dataclass
@@ -56,6 +62,113 @@ def unpack_bits(packed: np.ndarray, bit_count: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------
+# members, checked before their data is read (zip bombs, pickles, unknown members)
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class _Member:
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _npy_header(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> _Member:
+    """Shape and dtype from a member's .npy header (a few hundred bytes are decompressed, no data)."""
+    what = f"{name}: member {info.filename}"
+    with z.open(info) as m:
+        magic = m.read(8)
+        if magic[:6] != _NPY_MAGIC or len(magic) < 8:
+            raise TokError(f"{what} is not a .npy array (raw or pickled bytes are refused)")
+        version = (magic[6], magic[7])
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(m)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(m)
+        else:
+            raise TokError(f"{what} has an unknown .npy version {version[0]}.{version[1]}")
+        offset = m.tell()
+    if dtype.hasobject:
+        raise TokError(f"{name} contains Python objects in {info.filename} (pickled arrays are refused)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if info.file_size != offset + nbytes:
+        raise TokError(f"{what} declares a {dtype} array of shape {tuple(shape)} ({nbytes} bytes) but holds "
+                       f"{info.file_size - offset} bytes (damaged or forged)")
+    return _Member(info, tuple(int(d) for d in shape), dtype)
+
+
+def _check_zip_entry(info: zipfile.ZipInfo, name: str, size: int) -> str:
+    """The array name of a known member; refuses unknown members, members past the end and zip bombs."""
+    key = info.filename[:-4] if info.filename.endswith(".npy") else None
+    if key not in KNOWN_MEMBERS:
+        raise TokError(f"{name} has an unknown member {info.filename!r} (a token file holds only "
+                       f"{', '.join(k + '.npy' for k in KNOWN_MEMBERS)})")
+    if info.header_offset + info.compress_size > size:
+        raise TokError(f"{name} is damaged or truncated (member {info.filename} extends past the end of the file)")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if stored and info.compress_size != info.file_size:
+        raise TokError(f"{name} is damaged (stored member {info.filename} has two sizes)")
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > RATIO_FREE_BYTES and ratio > MAX_COMPRESSION_RATIO:
+        raise TokError(f"{name}: member {info.filename} unpacks {info.compress_size} bytes into {info.file_size} "
+                       f"({ratio:.0f}:1, more than {MAX_COMPRESSION_RATIO}:1); refused as a possible zip bomb")
+    return key
+
+
+def _plan_members(z: zipfile.ZipFile, name: str, size: int) -> dict[str, _Member]:
+    """Every member's declared shape and dtype, checked against each other and the zip's sizes; no data read."""
+    plan: dict[str, _Member] = {}
+    for info in z.infolist():
+        key = _check_zip_entry(info, name, size)
+        if key in plan:
+            raise TokError(f"{name} holds member {info.filename} twice")
+        plan[key] = _npy_header(z, info, name)
+    if "header" not in plan:
+        raise TokError(f"{name} has no header (not a tok token file)")
+    h = plan["header"]
+    if h.shape != () or h.dtype.kind not in "US" or h.info.file_size > MAX_HEADER_BYTES:
+        raise TokError(f"{name}: header must be a single string of at most {MAX_HEADER_BYTES} bytes, got a "
+                       f"{h.dtype} array of shape {h.shape}")
+    keys = plan.get("keys")
+    if keys is None:
+        raise TokError(f"{name} has no keys array")
+    if len(keys.shape) != 1 or keys.dtype.kind != "U":
+        raise TokError(f"{name}: keys must be a 1-D string array, got {keys.dtype} of shape {keys.shape}")
+    n = keys.shape[0]
+    for k in ("labels", *PAYLOADS):
+        if k in plan and (not plan[k].shape or plan[k].shape[0] != n):
+            raise TokError(f"{name} has {n} keys but {k} of shape {plan[k].shape}")
+    if "labels" in plan and plan["labels"].dtype.kind not in "uibU":
+        raise TokError(f"{name}: labels have dtype {plan['labels'].dtype}; expected integers or strings")
+    return plan
+
+
+def _check_against_header(plan: dict[str, _Member], header: dict, name: str) -> None:
+    """The payload's declared per-image shape and dtype agree with the JSON header (before reading it)."""
+    tokens = header.get("tokens")
+    kinds = [k for k in PAYLOADS if k in plan]
+    if not isinstance(tokens, dict) or len(kinds) != 1:
+        return  # _validate says what is wrong
+    kind, m = kinds[0], plan[kinds[0]]
+    want = tokens.get("shape")
+    if not isinstance(want, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in want):
+        raise TokError(f"{name}: header token shape {want!r} is not a list of integers")
+    if kind == "bits":
+        count = header.get("bit_count")
+        if isinstance(count, int) and want:
+            want = [*want[:-1], math.ceil(count / 8)]
+    if list(m.shape[1:]) != want:
+        raise TokError(f"{name}: {kind} have per-image shape {m.shape[1:]} but the header says {tuple(want)}")
+    ok = {"indices": m.dtype.kind in "ui" and m.dtype.itemsize <= 8, "bits": m.dtype == np.uint8,
+          "latents": m.dtype.kind == "f" and m.dtype.itemsize <= 8}[kind]
+    if not ok:
+        raise TokError(f"{name}: {kind} have dtype {m.dtype}, which a token file does not use")
+
+
+def _read_member(z: zipfile.ZipFile, m: _Member, name: str) -> np.ndarray:
+    with z.open(m.info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+# --------------------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------------------
 def _open_source(path: str | os.PathLike) -> tuple[BinaryIO, str, int]:
@@ -67,14 +180,16 @@ def _open_source(path: str | os.PathLike) -> tuple[BinaryIO, str, int]:
     try:
         f = open(p, "rb")
     except FileNotFoundError:
-        raise TokError(f"no such token file: {p}") from None
+        raise TokError(f"no such file or folder: {p}") from None
+    except IsADirectoryError:
+        raise TokError(f"{p} is a folder without {MANIFEST} (not a sharded token set)") from None
     except OSError as e:
         raise TokError(f"cannot read {p}: {e.strerror or e}") from None
     return f, str(p), os.fstat(f.fileno()).st_size
 
 
 def _load_members(f: BinaryIO, name: str, size: int) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, refusing pickles; every failure is a one-line TokError."""
+    """The known arrays of an .npz, each checked from its .npy header before a byte of its data is read (:func:`_plan_members`); every failure is a one-line TokError."""
     if size == 0:
         raise TokError(f"{name} is empty (0 bytes), not a token file")
     magic = f.read(4)
@@ -82,12 +197,13 @@ def _load_members(f: BinaryIO, name: str, size: int) -> dict[str, np.ndarray]:
     if magic not in _ZIP_MAGIC:
         raise TokError(f"{name} is not a token file (not an .npz archive)")
     try:
-        with np.load(f, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except ValueError as e:
-        if "pickle" in str(e) or "Object arrays" in str(e):
-            raise TokError(f"{name} contains Python objects (pickled arrays are refused)") from None
-        raise TokError(f"{name} is damaged ({' '.join(str(e).split())})") from None
+        with zipfile.ZipFile(f) as z:
+            plan = _plan_members(z, name, size)
+            header = _read_member(z, plan["header"], name)
+            _check_against_header(plan, _parse_header(header, name), name)
+            return {k: (header if k == "header" else _read_member(z, m, name)) for k, m in plan.items()}
+    except TokError:
+        raise
     except MemoryError:
         raise TokError(f"{name}: out of memory while reading") from None
     except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, zlib.error, ... from damaged archives

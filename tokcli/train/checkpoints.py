@@ -180,18 +180,43 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def last_logged_losses(path: Path, step: int) -> dict[str, float]:
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics log. A last line that does not parse (the append was cut short: power loss, a full
+    disk) is dropped with a warning on stderr; a bad line before the last is a TokError naming the line."""
     if not path.is_file():
-        return {}
-    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    rows = [r for r in rows if r.get("step") == step]
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip()]
+    rows = []
+    for pos, (i, ln) in enumerate(numbered):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if pos < len(numbered) - 1:
+                raise TokError(f"{path}: line {i} is not a JSON record ({e}); fix or delete that line") from None
+            print(f"warning: {path}: dropped line {i}, a partly written record (the run was cut off while "
+                  f"logging)", file=sys.stderr)
+            continue
+        rows.append(row)
+    return rows
+
+
+def last_logged_losses(path: Path, step: int) -> dict[str, float]:
+    rows = [r for r in read_metrics(path) if r.get("step") == step]
     return {k: float(v) for k, v in rows[-1].items() if k not in ("step", "lr", "images_per_s")} if rows else {}
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they are about to be redone)."""
+    """On resume, drop log lines of steps after the checkpoint (they are about to be redone) and a partly written
+    last line; the file is rewritten atomically."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
-            and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    keep = [row for row in read_metrics(path) if _step_of(row) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+def _step_of(row: dict) -> int:
+    s = row.get("step", 0)
+    return s if isinstance(s, int) and not isinstance(s, bool) else 0
