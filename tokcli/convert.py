@@ -19,21 +19,33 @@ from tokcli.errors import MissingWeightsError, TokError, TokUsageError
 
 def fetch_release(entry) -> dict[str, Path]:
     """Every file of a registry entry's official release (:meth:`ModelEntry.release_files`), from the Hugging Face
-    cache or downloaded when online (``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` read through ``hf_env()``). Returns
-    role -> local path (``checkpoint`` is the main file). All files are tried before failing, so that one
-    :class:`MissingWeightsError` line names every missing file, its repo, and the ``hf download`` commands."""
+    cache or downloaded when online (``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` / ``HF_ENDPOINT`` read now). Returns
+    role -> local path (``checkpoint`` is the main file). The cache is looked in first; a file that is not there is
+    downloaded only after a short connect probe of the Hub (:func:`~tokcli.core.registry.hub_unreachable`), so an
+    offline machine fails at once, not after huggingface_hub's retries. All files are tried before failing, so that
+    one :class:`MissingWeightsError` line names every missing file, its repo, and the ``hf download`` commands."""
     from huggingface_hub import hf_hub_download
 
-    from tokcli.core.registry import hf_env
+    from tokcli.core.registry import hf_endpoint, hf_env, hub_unreachable
 
     cache, offline = hf_env()
     found: dict[str, Path] = {}
-    missing = []
+    missing, todo = [], []
     for f in entry.release_files():
         try:
             found[f.role] = Path(hf_hub_download(f.repo, f.filename, revision=f.revision, cache_dir=cache,
-                                                 local_files_only=offline))
-        except Exception as e:  # noqa: BLE001 - offline / missing / gated / network: reported together below
+                                                 local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - not cached (or a bad id): the Hub below, unless offline
+            (missing if offline else todo).append((f, type(e).__name__))
+    unreachable = hub_unreachable() if todo else None
+    for f, why in todo:
+        if unreachable:
+            missing.append((f, unreachable))
+            continue
+        try:
+            found[f.role] = Path(hf_hub_download(f.repo, f.filename, revision=f.revision, cache_dir=cache,
+                                                 endpoint=hf_endpoint()))
+        except Exception as e:  # noqa: BLE001 - missing / gated / network: reported together below
             missing.append((f, type(e).__name__))
     if missing:
         raise MissingWeightsError(_missing_release_message(entry, missing, offline))

@@ -26,9 +26,15 @@ def describe_token_file(path: str) -> dict[str, Any]:
 
 
 def describe_model(name_or_path: str, verify: bool = False) -> dict[str, Any]:
-    from tokcli.core.registry import resolve
+    from tokcli.core.registry import entries, resolve
+    from tokcli.errors import MissingWeightsError
 
-    folder = resolve(name_or_path)
+    try:
+        folder = resolve(name_or_path)
+    except MissingWeightsError:
+        if name_or_path in entries():  # a registry model whose weights are not here: what it is, how to get it
+            return describe_registry_entry(name_or_path)
+        raise
     out: dict[str, Any] = {
         "type": "model_folder",
         "path": str(folder.path),
@@ -42,11 +48,26 @@ def describe_model(name_or_path: str, verify: bool = False) -> dict[str, Any]:
     return out
 
 
+def describe_registry_entry(name: str) -> dict[str, Any]:
+    """A registry model that is not on this machine: its entry, ``available: false`` and how to get it."""
+    from tokcli.core.registry import get_entry, missing_weights_message
+
+    e = get_entry(name)
+    get = f"tok convert {name}" if e.hub_repo else None
+    return {"type": "registry_entry", "name": name, "family": e.family, "available": False, "get": get,
+            "how": missing_weights_message(e), "entry": e.to_dict()}
+
+
 def describe_path(path: str, verify: bool = False) -> dict[str, Any]:
+    from tokcli.core.registry import entries, looks_like_path
+    from tokcli.errors import TokError
+
     p = Path(path)
     if path == "-" or (p.is_file() and p.suffix == ".npz") or (p.is_dir() and (p / "manifest.json").is_file()):
         return describe_token_file(path)
     if p.is_file():
         # any other file: try it as a token file (gives a clear error if it is not one)
         return describe_token_file(path)
+    if not p.exists() and path not in entries() and (looks_like_path(path) or p.suffix in (".npz", ".json")):
+        raise TokError(f"no such file or folder: {path}")
     return describe_model(path, verify=verify)

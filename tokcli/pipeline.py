@@ -9,11 +9,23 @@ Run settings are arguments, never attributes set on the model: ``precision`` ("f
 process's maths settings alone, e.g. when a caller has set them) is applied here and recorded in the token header;
 ``sampler`` (e.g. ``{"steps": 8, "cfg": 2.0}``) goes to ``model.decode(..., **sampler)``, which refuses keywords its
 family does not take.
+
+Outputs: a token file is written atomically; the PNGs of `decode` / `reconstruct` are written into a hidden staging
+folder inside the output folder and moved into place only when the run succeeded (with ``skip_errors``: with the
+good images), so a run that fails halfway leaves the previous outputs as they were. ``check_output_file`` /
+``check_output_folder`` find an unwritable output before a model is loaded.
+
+``sample_posterior`` (families whose ``encode`` takes it, e.g. CODA) encodes with a posterior sample; image i is
+seeded with ``seed + i`` (its index in the token file), recorded as ``tokens.extra.posterior = "sample"`` and
+``tokens.extra.posterior_seed`` in the header.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -30,9 +42,39 @@ class Result:
     errors: list[tuple[str, str]] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     tokens: np.ndarray | None = None
+    upscaled: int = 0  # images smaller than half the crop size (enlarged more than 2x)
+    image_size: int | None = None  # the crop size of an encode / reconstruct
+
+
+def check_output_file(output: str | Path) -> None:
+    """Before any work: the token file ``output`` can be written (``-``, stdout, always can)."""
+    from tokcli.core.atomic import check_writable_file
+
+    if str(output) != "-":
+        check_writable_file(output)
+
+
+def check_output_folder(out_dir: str | Path) -> None:
+    """Before any work: the PNG folder ``out_dir`` exists (created) and takes files; not an existing file."""
+    from tokcli.core.atomic import check_writable_folder
+
+    check_writable_folder(out_dir)
+
+
+def check_posterior(model, sample_posterior: bool) -> bool:
+    """Whether to sample the posterior; a family whose ``encode`` has no ``sample_posterior`` refuses it (exit 2)."""
+    if not sample_posterior:
+        return False
+    if "sample_posterior" not in inspect.signature(model.encode).parameters:
+        raise TokUsageError(f"the {model.family} family has no posterior to sample (--sample-posterior is for "
+                            "families with a VAE posterior, e.g. coda)")
+    return True
 
 
 def image_size_for(model, image_size: int | None) -> int:
+    from tokcli.core.images import check_image_size
+
+    check_image_size(image_size)
     pre = model.preprocess
     size = int(image_size or pre["image_size"])
     m = int(pre.get("multiple_of", 1))
@@ -73,9 +115,13 @@ def check_sampler(model, sampler: Mapping[str, Any] | None) -> dict[str, Any]:
     return sampler
 
 
-def token_header(model, ref: str, size: int, precision: str = "fp32") -> dict[str, Any]:
+def token_header(model, ref: str, size: int, precision: str = "fp32", posterior_seed: int | None = None
+                 ) -> dict[str, Any]:
+    """The token file header; ``posterior_seed`` (a sampled encode) is recorded in ``tokens.extra``."""
     spec = model.spec.to_dict()
     spec["shape"] = list(model.spec.shape_for(size, size))
+    if posterior_seed is not None:
+        spec["extra"] = {**(spec.get("extra") or {}), "posterior": "sample", "posterior_seed": int(posterior_seed)}
     pre = dict(model.preprocess)
     pre["image_size"] = size
     return {
@@ -96,11 +142,17 @@ def check_header(model, header: dict[str, Any], *, force: bool = False) -> int:
     if fam != model.family:
         raise TokError(f"token file was made by a {fam!r} model, not {model.family!r} ({model.name})")
     t = header.get("tokens", {})
+    pre = header.get("preprocess", {})
+    if not isinstance(t, dict) or not isinstance(pre, dict):
+        raise TokError("token file header: tokens and preprocess must be JSON objects")
     mine = model.spec
     for k in ("kind", "codebook_size", "bits", "latent_dim", "downsample"):
         if t.get(k) != getattr(mine, k):
             raise TokError(f"token file spec {k}={t.get(k)!r} does not match model {model.name} ({getattr(mine, k)!r})")
-    size = int(header.get("preprocess", {}).get("image_size", model.preprocess["image_size"]))
+    try:
+        size = int(pre.get("image_size", model.preprocess["image_size"]))
+    except (TypeError, ValueError):
+        raise TokError(f"token file header: preprocess.image_size {pre.get('image_size')!r} is not a number") from None
     if list(t.get("shape", [])) != list(mine.shape_for(size, size)):
         raise TokError(f"token shape {t.get('shape')} does not match model {model.name} at {size}px "
                        f"({list(mine.shape_for(size, size))})")
@@ -117,43 +169,64 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=quiet, dynamic_ncols=True, leave=False)
 
 
-def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res: Result):
+@dataclass
+class _Posterior:
+    """How `encode` draws: the mean (``sample=False``) or a posterior sample seeded ``seed + position``."""
+    sample: bool = False
+    seed: int = 0
+
+
+def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res: Result,
+                    posterior: _Posterior | None = None, positions: dict[str, int] | None = None):
     """Yield (keys, uint8 images, token tensor) for each batch of good images."""
     import torch
 
     from tokcli.core.images import iter_batches, to_tensor
 
     bar = _progress(len(items), "encode", quiet)
+    stats: dict[str, int] = {}
+    done = 0
     try:
         for keys, imgs in iter_batches(items, size, batch_size, skip_errors=skip_errors, errors=res.errors,
-                                       workers=workers):
+                                       workers=workers, stats=stats):
             x = to_tensor(imgs).to(model.device)
             with torch.inference_mode():
-                tok = model.encode(x)
+                if posterior is not None and posterior.sample:
+                    where = [positions[k] for k in keys] if positions is not None else range(done, done + len(keys))
+                    tok = model.encode(x, sample_posterior=True, seed=[posterior.seed + p for p in where])
+                else:
+                    tok = model.encode(x)
+            done += len(keys)
             yield keys, imgs, tok
             bar.update(len(keys))
         bar.update(len(items) - bar.n)
     finally:
         bar.close()
+        res.upscaled = stats.get("upscaled", 0)
 
 
 def encode(model, items, *, ref: str, output: str | Path, image_size: int | None = None, batch_size: int = 8,
-           workers: int = 0, skip_errors: bool = False, quiet: bool = False, precision: str | None = None) -> Result:
-    """Encode images to a token file written atomically at ``output`` (``-`` = stdout)."""
+           workers: int = 0, skip_errors: bool = False, quiet: bool = False, precision: str | None = None,
+           sample_posterior: bool = False, seed: int = 0) -> Result:
+    """Encode images to a token file written atomically at ``output`` (``-`` = stdout). ``sample_posterior``:
+    a posterior sample instead of the mean, image i seeded with ``seed + i`` (families that have a posterior)."""
     from tokcli.core.tokens import write_token_file
 
     size = image_size_for(model, image_size)
+    posterior = _Posterior(check_posterior(model, sample_posterior), int(seed))
+    check_output_file(output)
     precision = apply_precision(model, precision)
-    res = Result()
+    res = Result(image_size=size)
     chunks = []
-    for keys, _, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
+    for keys, _, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res, posterior):
         res.keys.extend(keys)
         chunks.append(tok.cpu().numpy())
     if not res.keys:
         raise TokError("no image could be encoded" + (f" ({len(res.errors)} failed)" if res.errors else ""))
     res.tokens = np.concatenate(chunks)
     kind = model.spec.kind
-    write_token_file(output, header=token_header(model, ref, size, precision), keys=res.keys, **{kind: res.tokens})
+    header = token_header(model, ref, size, precision, posterior.seed if posterior.sample else None)
+    write_token_file(output, header=header, keys=res.keys, **{kind: res.tokens})
     return res
 
 
@@ -174,34 +247,81 @@ def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=No
         return model.decode(t, **(sampler or {}))
 
 
-def _write_pngs(out_dir: Path, keys: Iterable[str], images, res: Result) -> None:
-    from tokcli.core.images import output_path, save_png, to_uint8
+class _Stage:
+    """The PNGs of one run, written under a hidden ``.tok-stage.tmp-<pid>-<random>`` folder inside ``out_dir`` and
+    moved to their places by :meth:`commit`; :meth:`abort` removes them (the previous outputs stay as they were)."""
+
+    def __init__(self, out_dir: Path):
+        from tokcli.core.atomic import remove_stale_temps, temp_dir
+
+        self.out_dir = out_dir
+        self.created = not out_dir.exists()
+        check_output_folder(out_dir)
+        remove_stale_temps(out_dir, again=True)
+        self.dir = temp_dir(out_dir, "tok-stage")
+        self.moves: list[tuple[Path, Path]] = []
+
+    def write(self, img: np.ndarray, dest: Path) -> None:
+        from tokcli.core.images import save_png
+
+        staged = self.dir / dest.relative_to(self.out_dir)
+        save_png(img, staged, shown_as=dest)
+        self.moves.append((staged, dest))
+
+    def commit(self) -> None:
+        from tokcli.core.atomic import os_error_message
+
+        for staged, dest in self.moves:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, dest)
+            except OSError as e:
+                raise TokError(os_error_message(e, dest)) from None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.created:
+            try:
+                os.rmdir(self.out_dir)  # only if empty: never remove what someone else put there meanwhile
+            except OSError:
+                pass
+
+
+def _write_pngs(stage: _Stage, keys: Iterable[str], images, res: Result) -> None:
+    from tokcli.core.images import output_path, to_uint8
 
     arr = to_uint8(images)
     for key, img in zip(keys, arr):
-        dest = output_path(out_dir, key)
-        save_png(img, dest)
+        dest = output_path(stage.out_dir, key)
+        stage.write(img, dest)
         res.written.append(dest)
 
 
 def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed: int = 0, force: bool = False,
            quiet: bool = False, precision: str | None = None, sampler: Mapping[str, Any] | None = None) -> Result:
-    """Decode a token file (already read) into PNGs under ``out_dir``, mirroring the keys."""
+    """Decode a token file (already read) into PNGs under ``out_dir``, mirroring the keys; the PNGs appear only when
+    every image decoded."""
+    from tokcli.core.images import output_paths
+
     check_header(model, token_file.header, force=force)
     sampler = check_sampler(model, sampler)
     apply_precision(model, precision)
     res = Result(keys=list(token_file.keys))
     arr = token_file.array
     out_dir = Path(out_dir)
-    from tokcli.core.images import output_paths
-
     output_paths(out_dir, res.keys)
+    stage = _Stage(out_dir)
     bar = _progress(len(arr), "decode", quiet)
     try:
         for s in range(0, len(arr), batch_size):
             imgs = _decode_batch(model, arr[s:s + batch_size], s, seed, sampler=sampler)
-            _write_pngs(out_dir, res.keys[s:s + batch_size], imgs, res)
+            _write_pngs(stage, res.keys[s:s + batch_size], imgs, res)
             bar.update(len(imgs))
+        stage.commit()
+    except BaseException:
+        stage.abort()
+        raise
     finally:
         bar.close()
     return res
@@ -210,34 +330,45 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
 def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = None, batch_size: int = 8,
                 workers: int = 0, seed: int = 0, skip_errors: bool = False, quiet: bool = False,
                 on_batch=None, positions: dict[str, int] | None = None, precision: str | None = None,
-                sampler: Mapping[str, Any] | None = None) -> Result:
+                sampler: Mapping[str, Any] | None = None, sample_posterior: bool = False) -> Result:
     """encode -> decode through exactly the code path of `tok encode` + `tok decode` (bit-identical results).
 
     ``on_batch(keys, originals, recon, tokens)`` is called for every batch with the uint8 originals after the crop
     [B, H, W, 3], the decoder output (float tensor [B, 3, H, W] in [-1, 1]) and the tokens (numpy): metrics stream
-    through it, so memory does not grow with the number of images. ``out_dir=None`` writes no PNGs.
+    through it, so memory does not grow with the number of images. ``out_dir=None`` writes no PNGs; otherwise they
+    are moved into ``out_dir`` when the run succeeded (a failed run leaves the previous PNGs as they were).
     ``positions`` (key -> index in the whole input list) seeds stochastic decoders by global position, so a shard
-    of a distributed run draws the same noise as a single process (when no input fails). ``precision`` and
-    ``sampler`` as in :func:`encode` / :func:`decode`.
+    of a distributed run draws the same noise as a single process (when no input fails). ``precision``,
+    ``sampler`` and ``sample_posterior`` (seeded like the decoder) as in :func:`encode` / :func:`decode`.
     """
     size = image_size_for(model, image_size)
     sampler = check_sampler(model, sampler)
+    posterior = _Posterior(check_posterior(model, sample_posterior), int(seed))
     apply_precision(model, precision)
-    res = Result()
-    out_dir = Path(out_dir) if out_dir is not None else None
+    res = Result(image_size=size)
+    stage = None
     if out_dir is not None:
         from tokcli.core.images import output_paths
 
-        output_paths(out_dir, [it.key for it in items])  # two inputs that would write one PNG: refuse up front
-    for keys, imgs, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res):
-        start = len(res.keys)
-        res.keys.extend(keys)
-        recon = _decode_batch(model, tok.cpu().numpy(), start, seed,
-                              [positions[k] for k in keys] if positions is not None else None, sampler)
-        if out_dir is not None:
-            _write_pngs(out_dir, keys, recon, res)
-        if on_batch is not None:
-            on_batch(keys, imgs, recon, tok.cpu().numpy())
-    if not res.keys:
-        raise TokError("no image could be reconstructed" + (f" ({len(res.errors)} failed)" if res.errors else ""))
+        output_paths(Path(out_dir), [it.key for it in items])  # two inputs that would write one PNG: refuse up front
+        stage = _Stage(Path(out_dir))
+    try:
+        for keys, imgs, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res,
+                                               posterior, positions):
+            start = len(res.keys)
+            res.keys.extend(keys)
+            recon = _decode_batch(model, tok.cpu().numpy(), start, seed,
+                                  [positions[k] for k in keys] if positions is not None else None, sampler)
+            if stage is not None:
+                _write_pngs(stage, keys, recon, res)
+            if on_batch is not None:
+                on_batch(keys, imgs, recon, tok.cpu().numpy())
+        if not res.keys:
+            raise TokError("no image could be reconstructed" + (f" ({len(res.errors)} failed)" if res.errors else ""))
+        if stage is not None:
+            stage.commit()
+    except BaseException:
+        if stage is not None:
+            stage.abort()
+        raise
     return res

@@ -17,7 +17,10 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 @pytest.fixture(scope="module")
 def torch_home(tmp_path_factory) -> Path:
     """A $TORCH_HOME whose hub cache holds FID Inception weights: random ones, which exercise the real loading
-    path and the statistics (values are checked against an independent computation, not against paper numbers)."""
+    path and the statistics (values are checked against an independent computation, not against paper numbers).
+    He-scaled convolutions and random BatchNorm affine and running statistics keep the 2048 features of different
+    images apart (std ~ 0.2 around means ~ 5); torchvision's default init collapses them to a spread of 1e-7,
+    where the covariance is rounding noise."""
     import torch
 
     from tokcli.metrics.fid import FIDInception
@@ -25,13 +28,17 @@ def torch_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("torch_home")
     ckpt = home / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     net = FIDInception()
-    with torch.no_grad():  # non-trivial BatchNorm statistics so features are not degenerate
+    with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
     torch.save(net.state_dict(), ckpt / INCEPTION_FILE)
     return home
 
@@ -112,15 +119,37 @@ def test_n_and_legacy_mode_change_the_number(tiny_model, images):
     assert full["protocol"]["data"]["n_inputs"] == 5 and two["protocol"]["data"]["n_inputs"] == 2
 
 
-@pytest.mark.slow  # four 2048x2048 sqrtm (Frechet distance), ~20 s each on one core
+class DistanceSpy:
+    """Stands in for rfid.frechet_distance: records the statistics it is given and computes the real distance
+    (a 2048x2048 sqrtm, ~20 s on one core) for the first call only. Later calls must receive the same statistics
+    as the first (to ``rtol``), so their distance is the same number; they get the first value back."""
+
+    def __init__(self, real, rtol: float = 1e-9):
+        self.real, self.rtol, self.calls, self.value = real, rtol, [], None
+
+    def __call__(self, mu1, sigma1, mu2, sigma2):
+        args = [np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2)]
+        if self.calls:
+            for a, b in zip(args, self.calls[0]):
+                scale = np.abs(b).max()
+                assert np.abs(a - b).max() <= self.rtol * scale, "other statistics than the first call's"
+        else:
+            self.value = self.real(*args)
+        self.calls.append(args)
+        return self.value
+
+
+@pytest.mark.slow  # one 2048x2048 sqrtm (Frechet distance), ~20 s on one core
 def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_home, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     import torch
 
     from tokcli.bench import evaluate
     from tokcli.core.images import collect_inputs
-    from tokcli.metrics import fid
+    from tokcli.metrics import fid, rfid
 
+    spy = DistanceSpy(rfid.frechet_distance)
+    monkeypatch.setattr(rfid, "frechet_distance", spy)
     items = collect_inputs([str(images)])
     res, _, _ = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu",
                          save_recon=str(tmp_path / "rec"), quiet=True)
@@ -131,14 +160,17 @@ def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_
     net, sha = fid.load_fid_inception(None, device=torch.device("cpu"))
     fa = fid.features_from_uint8(net, a, batch_size=5, device=torch.device("cpu"))
     fb = fid.features_from_uint8(net, b, batch_size=5, device=torch.device("cpu"))
-    ref = fid.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
-    assert res["metrics"]["rfid"] == pytest.approx(ref, rel=1e-6)
+    # the distance is the real one of the metric's statistics, and those are the independent features' (so the
+    # value equals frechet_distance of the independent statistics without a second 20 s sqrtm)
+    assert len(spy.calls) == 1 and res["metrics"]["rfid"] == spy.value
+    spy(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
     assert res["metrics"]["rfid"] > 0
     rp = res["protocol"]["rfid"]
     assert rp["weights_sha256"] == sha and "originals" in rp["reference"]
 
-    # the same reference as a statistics file (tok bench stats) gives the same number
-    stats = tmp_path / "ref.npz"
+    # the same reference as a statistics file (tok bench stats, into a folder that does not exist yet) gives the
+    # same statistics, hence the same number
+    stats = tmp_path / "new" / "ref.npz"
     p = run_tok("bench", "stats", images, "-o", stats, "--size", "32", "--device", "cpu", "-q",
                 env={"TORCH_HOME": str(torch_home)})
     assert p.returncode == 0, p.stderr.decode()
@@ -147,14 +179,14 @@ def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_
         assert np.allclose(z["mu"], fa.mean(0)) and np.allclose(z["sigma"], np.cov(fa, rowvar=False))
     res2, _, _ = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu",
                           ref_stats=str(stats), quiet=True)
-    assert res2["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
+    assert len(spy.calls) == 3 and res2["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
     assert "ref.npz" in res2["protocol"]["rfid"]["reference"]
     # an ADM / pytorch-fid file (mu and sigma only) works the same; a file made at another size is refused
     adm = tmp_path / "adm.npz"
     np.savez(adm, mu=fa.mean(0), sigma=np.cov(fa, rowvar=False))
     res3, _, _ = evaluate(items, model=f"local-dir:{tiny_model}", metrics=["rfid"], device="cpu",
                           ref_stats=str(adm), quiet=True)
-    assert res3["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
+    assert len(spy.calls) == 4 and res3["metrics"]["rfid"] == pytest.approx(res["metrics"]["rfid"], rel=1e-6)
     from tokcli.errors import TokError
 
     with pytest.raises(TokError, match="computed at 32 px"):
@@ -213,6 +245,31 @@ def test_report_combines_saved_results(tiny_model, tiny_model_other, images, tmp
     assert p.returncode == 1 and b"not a readable JSON result" in p.stderr
 
 
+def test_outputs_create_missing_parent_folders(tiny_model, images, tmp_path):
+    """-o, --report (and its PNGs), --save-recon and `bench report -o` create missing folders, as `encode -o`
+    does; a file standing where a folder should be is refused before any work (exit 2, one line)."""
+    out, rep, rec = tmp_path / "a" / "b" / "r.json", tmp_path / "c" / "d" / "r.md", tmp_path / "e" / "f"
+    p = run_tok("bench", "psnr", images, "-m", tiny_model, "-q", "-o", out, "--report", rep, "--save-recon", rec)
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(out.read_text())["protocol"]["n_images"] == 5
+    assert rep.is_file() and (rep.parent / "r_rd.png").is_file() and (rep.parent / "r_grid.png").is_file()
+    assert len(list(rec.rglob("*.png"))) == 5
+    p = run_tok("bench", "report", out, "-o", tmp_path / "g" / "h" / "cmp.md")
+    assert p.returncode == 0 and (tmp_path / "g" / "h" / "cmp.md").is_file(), p.stderr.decode()
+    p = run_tok("bench", "throughput", "-m", tiny_model, "-b", "1", "--iters", "1", "--warmup", "0", "--device",
+                "cpu", "-q", "-o", tmp_path / "i" / "t.json")
+    assert p.returncode == 0 and (tmp_path / "i" / "t.json").is_file(), p.stderr.decode()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for flags in (["-o", blocker / "r.json"], ["--report", blocker / "x" / "r.md"], ["--save-recon", blocker]):
+        p = run_tok("bench", "psnr", images, "-m", tiny_model, "-q", *flags)
+        lines = p.stderr.decode().strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr.decode()
+        assert str(blocker) in lines[0] and p.stdout == b""
+    p = run_tok("bench", "stats", images, "-o", blocker / "s.npz", "-q")
+    assert p.returncode == 2 and b"is a file" in p.stderr
+
+
 def test_throughput_json(tiny_model):
     p = run_tok("bench", "throughput", "-m", tiny_model, "-b", "1,2", "--iters", "2", "--warmup", "1",
                 "--device", "cpu", "--json", "-q")
@@ -229,6 +286,29 @@ def test_throughput_json(tiny_model):
     assert p.returncode == 2 and b"comma list" in p.stderr
 
 
+FID_SPY = """
+import os
+import sys
+
+import numpy as np
+
+import tokcli.metrics.rfid as rfid
+
+
+def spy(mu1, sigma1, mu2, sigma2):  # records what the distance is computed from; no sqrtm
+    np.savez(os.path.join(os.environ["FID_SPY_DIR"], f"{os.getpid()}.npz"), mu1=mu1, sigma1=sigma1, mu2=mu2,
+             sigma2=sigma2)
+    d = np.asarray(mu1) - np.asarray(mu2)
+    return float(d @ d + np.trace(sigma1) + np.trace(sigma2))
+
+
+rfid.frechet_distance = spy
+from tokcli.cli.app import main  # noqa: E402
+
+main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home, tmp_path):
     """Sharded over 2 gloo ranks: the same per-image values in input order, the same usage counts and the same
@@ -243,12 +323,17 @@ def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home
             "--seed", "5"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TORCH_HOME": str(torch_home),
            "HF_HUB_OFFLINE": "1"}
-    one = subprocess.run([sys.executable, "-m", "tokcli", *args, "--report", str(tmp_path / "one.md")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    spy = tmp_path / "tok_fid_spy.py"
+    spy.write_text(FID_SPY)
+    spied = {}
+    for name, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run",
+                                                                "--standalone", "--nproc_per_node=2"])):
+        (tmp_path / f"fid-{name}").mkdir()
+        spied[name] = subprocess.run([*launcher, str(spy), *args, "--report", str(tmp_path / f"{name}.md")],
+                                     capture_output=True, text=True, timeout=600,
+                                     env={**env, "FID_SPY_DIR": str(tmp_path / f"fid-{name}")})
+    one, two = spied["one"], spied["two"]
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "tokcli", *args, "--report", str(tmp_path / "two.md")], capture_output=True, text=True,
-                         env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, "only rank 0 prints"
@@ -258,7 +343,16 @@ def test_torchrun_two_ranks_equals_one_process(tiny_gd_model, images, torch_home
     assert r2["per_image"]["psnr"] == pytest.approx(r1["per_image"]["psnr"], abs=1e-12)
     assert r2["per_image"]["ssim"] == pytest.approx(r1["per_image"]["ssim"], abs=1e-12)
     assert r2["metrics"]["usage"] == r1["metrics"]["usage"]
-    assert r2["metrics"]["rfid"] == pytest.approx(r1["metrics"]["rfid"], rel=1e-6)
+    # rFID: rank 0 alone computes the distance, from the same statistics as one process (float64 sums
+    # all-reduced), so the number is the same; the spy skips the 20 s sqrtm that would only repeat that
+    calls = {name: sorted((tmp_path / f"fid-{name}").glob("*.npz")) for name in ("one", "two")}
+    assert len(calls["one"]) == 1 and len(calls["two"]) == 1, calls
+    with np.load(calls["one"][0]) as z1, np.load(calls["two"][0]) as z2:
+        for k in ("mu1", "mu2"):
+            assert np.allclose(z1[k], z2[k], rtol=0, atol=1e-12), k
+        for k in ("sigma1", "sigma2"):
+            assert np.allclose(z1[k], z2[k], rtol=1e-10, atol=1e-12), k
+    assert r2["metrics"]["rfid"] == pytest.approx(r1["metrics"]["rfid"], rel=1e-12)
     # the report's image grid shows the first images of the input list, whichever rank decoded them
     assert (tmp_path / "two_grid.png").read_bytes() == (tmp_path / "one_grid.png").read_bytes()
     # the FlowMo per-batch PSNR does not depend on how images are batched or sharded

@@ -330,45 +330,71 @@ def weights_file(tmp_path_factory, state_dict):
     return path
 
 
+def _record_fetch(monkeypatch, effect=None) -> list:
+    """Replace tok's one download function; ``effect(url, dest)`` runs in its place (default: fail the test)."""
+    from tokcli.core import pretrained
+
+    calls = []
+
+    def fetch(url, dest, **kw):
+        calls.append(url)
+        if effect is None:
+            pytest.fail(f"download attempted: {url}")
+        return effect(url, dest)
+
+    monkeypatch.setattr(pretrained, "fetch_url", fetch)
+    return calls
+
+
+def test_missing_weights_are_not_downloaded_unless_asked(torch_home, monkeypatch):
+    folder = torch_home / "hub" / "checkpoints"
+    calls = _record_fetch(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TOK_DOWNLOAD", raising=False)
+    with pytest.raises(TokError) as e:
+        fid.load_fid_inception()
+    msg = str(e.value)
+    assert fid.WEIGHTS_FILE in msg and str(folder) in msg and "--inception-weights" in msg and "\n" not in msg
+    assert "--download" in msg and fid.WEIGHTS_URL in msg
+    assert calls == []
+
+
 def test_missing_weights_offline_is_one_clear_error(torch_home, monkeypatch):
     folder = torch_home / "hub" / "checkpoints"
-    calls = []
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: calls.append(a) or {})
+    calls = _record_fetch(monkeypatch)
     for env in ({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "TOK_OFFLINE": "1"}):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         with pytest.raises(TokError) as e:
-            fid.load_fid_inception()
+            fid.load_fid_inception(download=True)
         msg = str(e.value)
         assert fid.WEIGHTS_FILE in msg and str(folder) in msg and "--inception-weights" in msg
-        assert "offline" in msg and "\n" not in msg
-        assert calls == []  # no download attempt when offline
+        assert "is set, so it is not downloaded" in msg and "\n" not in msg
+        assert calls == []  # no download attempt when offline, even when asked
 
 
 def test_failed_download_is_one_clear_error(torch_home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    calls = []
 
-    def no_network(url, **kw):
-        calls.append(url)
+    def no_network(url, dest):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    with pytest.raises(TokError, match="download failed") as e:
-        fid.load_fid_inception()
-    assert calls == [fid.WEIGHTS_URL] and fid.WEIGHTS_FILE in str(e.value)
+    calls = _record_fetch(monkeypatch, no_network)
+    with pytest.raises(TokError, match="failed") as e:
+        fid.load_fid_inception(download=True)
+    assert calls == [fid.WEIGHTS_URL] and fid.WEIGHTS_FILE in str(e.value) and "\n" not in str(e.value)
 
 
 def test_download_lands_in_the_hub_folder(torch_home, monkeypatch, state_dict):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
 
-    def fake_download(url, model_dir, file_name, **kw):
-        os.makedirs(model_dir, exist_ok=True)
-        torch.save(state_dict, os.path.join(model_dir, file_name))
-        return torch.load(os.path.join(model_dir, file_name), map_location="cpu", weights_only=True)
+    def fake_download(url, dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        torch.save(state_dict, dest)
+        return hashlib.sha256(open(dest, "rb").read()).hexdigest()
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
-    model, sha = fid.load_fid_inception()
+    _record_fetch(monkeypatch, fake_download)
+    model, sha = fid.load_fid_inception(download=True)
     path = torch_home / "hub" / "checkpoints" / fid.WEIGHTS_FILE
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not model.training

@@ -51,6 +51,7 @@ class Options:
     strict: bool
     grid: int
     inputs: Any
+    download: bool = False
 
 
 def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage", "bpp"), n: int | None = None,
@@ -58,9 +59,10 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
              seed: int = 0, precision: str = "fp32", skip_errors: bool = False, quiet: bool = False,
              save_recon: str | None = None, psnr_mode: str = "tok", ssim_mode: str = "tok", lpips_net: str = "alex",
              lpips_weights: str | None = None, inception_weights: str | None = None, ref_stats: str | None = None,
-             strict: bool = True, grid: int = 8, inputs=None):
+             strict: bool = True, grid: int = 8, inputs=None, download: bool = False):
     """Reconstruct ``items`` with ``model`` and score them. Returns (result dict, per-input errors, grid arrays or
-    None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing.
+    None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing;
+    ``download`` fetches a missing pretrained file (tokcli/core/pretrained.py: never without it or TOK_DOWNLOAD=1).
 
     Under torchrun (WORLD_SIZE > 1) each rank takes every world-th image; per-image values, failures, code counts
     and the float64 Inception sums are combined exactly, so the result equals a single-process run (the per-image
@@ -74,7 +76,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
                        workers=workers, seed=seed, precision=precision, skip_errors=skip_errors,
                        quiet=quiet or rank != 0, save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode,
                        lpips_net=lpips_net, lpips_weights=lpips_weights, inception_weights=inception_weights,
-                       ref_stats=ref_stats, strict=strict, grid=grid, inputs=inputs)
+                       ref_stats=ref_stats, strict=strict, grid=grid, inputs=inputs, download=download)
         return _evaluate(items, opts, dev=dev, rank=rank, world=world)
 
 
@@ -129,10 +131,11 @@ def _load_scorers(opts: Options, *, dev, primary: bool) -> tuple[dict[str, Metri
     for m in [m for m in opts.metrics if m in NEEDS_WEIGHTS]:
         try:
             if m == "lpips":
-                loaded[m] = LPIPS.load(opts.lpips_net, weights=opts.lpips_weights, device=dev)
+                loaded[m] = LPIPS.load(opts.lpips_net, weights=opts.lpips_weights, device=dev,
+                                       download=opts.download)
             else:
                 loaded[m] = RFID.load(opts.inception_weights, ref_stats=opts.ref_stats, batch_size=opts.batch_size,
-                                      device=dev, primary=primary)
+                                      device=dev, primary=primary, download=opts.download)
         except MissingWeightsError as e:
             named = opts.lpips_weights if m == "lpips" else opts.inception_weights
             if opts.strict or named:

@@ -11,10 +11,11 @@ from tokcli.version import __version__
 
 def folder_stats(items, out: str | Path, *, size: int = 256, inception_weights: str | None = None,
                  device: str = "auto", batch_size: int = 50, workers: int = 0, skip_errors: bool = False,
-                 quiet: bool = False):
+                 quiet: bool = False, download: bool = False):
     """Inception statistics of a folder (ADM centre crop to ``size``) written as an ADM-style ``mu``/``sigma``
     npz at ``out`` (plus the exact sums and a protocol record). Under torchrun each rank takes every world-th image
-    and the float64 sums are all-reduced; rank 0 writes. Returns (summary for the CLI, per-input errors)."""
+    and the float64 sums are all-reduced; rank 0 writes. ``download``: fetch missing Inception weights (only when
+    asked; tokcli/core/pretrained.py). Returns (summary for the CLI, per-input errors)."""
     from tqdm import tqdm
 
     from tokcli.core.device import resolve_device
@@ -25,7 +26,7 @@ def folder_stats(items, out: str | Path, *, size: int = 256, inception_weights: 
     items = list(items)
     positions = input_positions(items)
     with process_group(resolve_device(device)) as (rank, world, dev):
-        net, sha = fid.load_fid_inception(inception_weights, device=dev)
+        net, sha = fid.load_fid_inception(inception_weights, device=dev, download=download)
         stats = fid.FeatureStats(device=dev)
         errors: list = []
         shard = items[rank::world]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tokcli.cli import bench, codec, convert, train
-from tokcli.cli.common import cli_errors, print_json
+from tokcli.cli.common import PIPE_CLOSED, cli_errors, is_broken_pipe, print_json, silence_stdout
 from tokcli.version import __version__
 
 app = typer.Typer(
@@ -77,9 +77,34 @@ app.command("train")(train.train_cmd)
 app.add_typer(bench.app, name="bench")
 
 
+def _stdout_closed() -> bool:
+    """Flush stdout now (not at interpreter exit, where a closed pipe would print a traceback); True when the reader
+    went away. click's own handler of a closed pipe wraps stdout in a PacifyFlushWrapper: that counts too."""
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError) as e:
+        return isinstance(e, OSError) and is_broken_pipe(e)
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="tok")
+    """Console-script entry point. A closed stdout pipe (``tok models | head -1``) ends the command silently with
+    status 141 (128 + SIGPIPE), the Unix convention."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="tok")
+        code = None
+    except SystemExit as e:
+        code = e.code
+    except OSError as e:
+        if not is_broken_pipe(e):
+            raise
+        code = PIPE_CLOSED
+    if code == PIPE_CLOSED or _stdout_closed():
+        silence_stdout()
+        code = PIPE_CLOSED
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

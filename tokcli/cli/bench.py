@@ -27,6 +27,10 @@ DataArg = Annotated[list[str], typer.Argument(help="image files and/or folders (
 SizeOpt = Annotated[Optional[int], typer.Option("--size", "--image-size", min=8,
                                                 help="ADM centre-crop size [default: the model's]")]
 BenchBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="images per forward pass")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="fetch a missing pretrained file (Inception, LPIPS "
+                                                              "backbone) into $TORCH_HOME/hub/checkpoints; also "
+                                                              "TOK_DOWNLOAD=1; never under HF_HUB_OFFLINE / "
+                                                              "TOK_OFFLINE")]
 
 METRIC_HELP = {
     "psnr": "PSNR (uint8 rounded, per image, range 255, mean over images)",
@@ -70,19 +74,26 @@ def _emit(result: dict, *, as_json: bool, output: Optional[str]) -> None:
         print(_summary(result), flush=True)
 
 
-def _check_output_paths(*paths: Optional[str]) -> None:
-    """Refuse an output that cannot be written before the (long) evaluation, not after it."""
+def _check_output_paths(*paths: Optional[str], folders: tuple = ()) -> None:
+    """Refuse an output that cannot be written before the (long) evaluation, not after it. Missing parent folders
+    are fine (the writers create them, as `tok encode -o` does); a file in their place is not. ``folders``: outputs
+    that are folders (``--save-recon``)."""
     from pathlib import Path
 
     from tokcli.errors import TokUsageError
 
-    for p in paths:
-        if p and p != "-":
-            q = Path(p)
-            if q.is_dir():
-                raise TokUsageError(f"{p} is a folder; give a file name")
-            if not q.parent.is_dir():
-                raise TokUsageError(f"cannot write {p}: folder {q.parent} does not exist")
+    for p, is_folder in [(p, False) for p in paths] + [(p, True) for p in folders]:
+        if not p or p == "-":
+            continue
+        q = Path(p)
+        if q.is_dir() != is_folder and q.exists():
+            raise TokUsageError(f"{p} is a folder; give a file name" if not is_folder else
+                                f"{p} is a file; --save-recon takes a folder")
+        parent = q.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise TokUsageError(f"cannot write {p}: {parent} is a file, not a folder")
 
 
 def _metric_command(which: str):
@@ -109,6 +120,7 @@ def _metric_command(which: str):
                                                                  "weights (pt_inception-2015-12-05-6726825d.pth)")] = None,
         strict: Annotated[bool, typer.Option("--strict", help="all: fail instead of skipping a metric whose "
                                                               "weights are missing")] = False,
+        download: DownloadOpt = False,
         device: DeviceOpt = "auto",
         batch_size: BenchBatchOpt = 8,
         workers: WorkersOpt = 0,
@@ -121,14 +133,14 @@ def _metric_command(which: str):
             from tokcli.bench import evaluate
             from tokcli.core.images import collect_inputs
 
-            _check_output_paths(output, report)
+            _check_output_paths(output, report, folders=(save_recon,))
             items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
             result, errors, grid = evaluate(
                 items, model=model, metrics=SETS[which], n=n, image_size=size, device=device, batch_size=batch_size,
                 workers=workers, seed=seed, precision=precision, skip_errors=skip_errors, quiet=quiet,
                 save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
                 lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
-                strict=strict or which != "all", inputs=data)
+                strict=strict or which != "all", inputs=data, download=download)
             from tokcli.core.distributed import dist_env
 
             if dist_env()[0] != 0:  # torchrun: rank 0 prints and writes; the others share its exit code
@@ -198,6 +210,7 @@ def stats_cmd(
     output: Annotated[str, typer.Option("--output", "-o", help="statistics file to write (ADM mu/sigma .npz)")],
     size: Annotated[int, typer.Option("--size", "--image-size", min=8, help="ADM centre-crop size")] = 256,
     inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="FID Inception weights")] = None,
+    download: DownloadOpt = False,
     device: DeviceOpt = "auto",
     batch_size: BenchBatchOpt = 50,
     workers: WorkersOpt = 0,
@@ -212,7 +225,8 @@ def stats_cmd(
         _check_output_paths(output)
         items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
         summary, errors = folder_stats(items, output, size=size, inception_weights=inception_weights, device=device,
-                                       batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet)
+                                       batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet,
+                                       download=download)
         from tokcli.core.distributed import dist_env
 
         if dist_env()[0] != 0:  # torchrun: rank 0 reports

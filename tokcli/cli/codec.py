@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli.common import (BatchOpt, CfgOpt, DeviceOpt, ModelOpt, PrecisionOpt, QuietOpt, SamplerOpt, SeedOpt,
-                               SizeOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err, report_failures,
-                               sampler_options)
+from tokcli.cli.common import (BatchOpt, CfgOpt, DeviceOpt, ModelOpt, PosteriorOpt, PrecisionOpt, QuietOpt,
+                               SamplerOpt, SeedOpt, SizeOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err,
+                               report_failures, sampler_options)
 
 InputsArg = Annotated[list[str], typer.Argument(help="image files and/or folders (searched recursively); "
                                                      "- reads a list of paths from stdin")]
@@ -24,10 +24,18 @@ def _load(model: Optional[str], device: str, precision: str):
     return tokcli.load(model, device=device)
 
 
-def _items(inputs: list[str]):
-    from tokcli.core.images import collect_inputs
+def _items(inputs: list[str], image_size: int | None):
+    """The inputs, after the checks that need no model (the crop size's bound)."""
+    from tokcli.core.images import check_image_size, collect_inputs
 
+    check_image_size(image_size)
     return collect_inputs(inputs, stdin=sys.stdin if "-" in inputs else None)
+
+
+def _warn_upscaled(res) -> None:
+    if res.upscaled:
+        err(f"warning: {res.upscaled} image(s) smaller than half of {res.image_size} px were upscaled more than 2x "
+            "to the crop size")
 
 
 def encode_cmd(
@@ -39,6 +47,8 @@ def encode_cmd(
     workers: WorkersOpt = 0,
     image_size: SizeOpt = None,
     skip_errors: SkipOpt = False,
+    sample_posterior: PosteriorOpt = False,
+    seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ):
@@ -46,11 +56,13 @@ def encode_cmd(
     with cli_errors():
         from tokcli import pipeline
 
-        items = _items(inputs)
+        items = _items(inputs, image_size)
+        pipeline.check_output_file(output)
         tok = _load(model, device, precision)
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
                               batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet,
-                              precision=precision)
+                              precision=precision, sample_posterior=sample_posterior, seed=seed)
+        _warn_upscaled(res)
         if output != "-":
             err(f"encoded {len(res.keys)} image(s) with {tok.name} -> {output}")
         report_failures(res.errors)
@@ -78,6 +90,7 @@ def decode_cmd(
 
         options = sampler_options(steps, cfg, sampler)
         tf = read_token_file(tokens)
+        pipeline.check_output_folder(output)
         tok = _load(model or tf.header.get("model"), device, precision)
         res = pipeline.decode(tok, tf, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet,
                               precision=precision, sampler=options)
@@ -97,6 +110,7 @@ def reconstruct_cmd(
     cfg: CfgOpt = None,
     sampler: SamplerOpt = None,
     skip_errors: SkipOpt = False,
+    sample_posterior: PosteriorOpt = False,
     precision: PrecisionOpt = "fp32",
     quiet: QuietOpt = False,
 ):
@@ -105,10 +119,12 @@ def reconstruct_cmd(
         from tokcli import pipeline
 
         options = sampler_options(steps, cfg, sampler)
-        items = _items(inputs)
+        items = _items(inputs, image_size)
+        pipeline.check_output_folder(output)
         tok = _load(model, device, precision)
         res = pipeline.reconstruct(tok, items, output, image_size=image_size, batch_size=batch_size,
                                    workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet,
-                                   precision=precision, sampler=options)
+                                   precision=precision, sampler=options, sample_posterior=sample_posterior)
+        _warn_upscaled(res)
         err(f"reconstructed {len(res.written)} image(s) with {tok.name} -> {output}")
         report_failures(res.errors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -21,7 +22,11 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="images
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="image-decoding threads (0 = main thread)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for stochastic decoders and sampling")]
 SizeOpt = Annotated[int, typer.Option("--image-size", min=8,
-                                      help="ADM centre-crop size [default: the model's]")]
+                                      help="ADM centre-crop size, at most 4096 (TOK_MAX_IMAGE_SIZE) "
+                                           "[default: the model's]")]
+PosteriorOpt = Annotated[bool, typer.Option("--sample-posterior",
+                                            help="encode with a posterior sample (the official CODA encode) "
+                                                 "instead of the mean; image i is seeded with --seed + i")]
 SkipOpt = Annotated[bool, typer.Option("--skip-errors", help="process the good inputs, list failures at the end "
                                                               "(the exit code is still 1)")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", "--dtype", help="fp32 (exact, reproducible tokens) or tf32 (CUDA "
@@ -57,8 +62,37 @@ def sampler_options(steps: int | None, cfg: float | None, pairs: list[str] | Non
     return out
 
 
+PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
 def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def is_broken_pipe(e: BaseException) -> bool:
+    return isinstance(e, BrokenPipeError) or (isinstance(e, OSError) and e.errno == errno.EPIPE)
+
+
+def silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's last flush into a closed pipe says nothing."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture stdout in memory)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _os_error_line(e: OSError) -> str:
+    from tokcli.core.atomic import os_error_message
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG):
+        return os_error_message(e, e.filename)
+    reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    return f"{reason}: {e.filename}" if e.filename else reason
 
 
 @contextlib.contextmanager
@@ -77,6 +111,14 @@ def cli_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err("interrupted")
         raise typer.Exit(130) from None
+    except OSError as e:
+        if is_broken_pipe(e):  # the reader of our stdout went away (`tok ... | head`): no message, 141
+            silence_stdout()
+            raise typer.Exit(PIPE_CLOSED) from None
+        if os.environ.get("TOK_DEBUG"):
+            traceback.print_exc()
+        err(f"error: {_os_error_line(e)}")
+        raise typer.Exit(1) from None
     except MemoryError:
         err("error: out of memory (try a smaller --batch-size)")
         raise typer.Exit(1) from None

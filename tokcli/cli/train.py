@@ -3,7 +3,7 @@ objective, ``tokcli/train/objective.py``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -21,10 +21,18 @@ def train_cmd(
     """Train a model with its family's objective; checkpoints resume exactly; the final EMA weights are exported as a
     model folder."""
     with cli_errors():
+        from tokcli.core.distributed import dist_env
         from tokcli.train.recipe import load_recipe
         from tokcli.train.trainer import train
 
         r = load_recipe(recipe)
         res = train(r, output_dir=output, max_steps=max_steps, resume=resume, progress=not quiet)
-        err(f"exported {res.get('model_dir')}")
-        print_json(res)
+        report(res, rank=dist_env()[0])
+
+
+def report(res: dict[str, Any], *, rank: int) -> None:
+    """The run's summary: on rank 0 only (under torchrun every rank returns one; the others print nothing)."""
+    if rank != 0:
+        return
+    err(f"exported {res.get('model_dir')}")
+    print_json(res)

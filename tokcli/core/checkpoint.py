@@ -7,20 +7,28 @@ defaults), ``provenance`` (where the weights came from, ``weights_sha256``, tok 
 ``metrics`` records. Only ``family`` and ``model_args`` are required to read a folder.
 
 Folders are written atomically: everything goes to a temporary sibling folder which is then renamed into place.
+
+A folder is a file from anywhere, so reading one trusts nothing before it is checked: :func:`read_weights_header`
+reads only the safetensors header (names, dtypes, shapes) and checks the file's size against it, and
+:meth:`ModelFolder.checked_sha256` compares the weights' sha256 with ``provenance.weights_sha256``, the hash kept in
+a small cache (``$TOK_CACHE/verified-weights.json``, keyed by path, size and times) so that a multi-GB file is hashed
+once, not on every load. ``TOK_TRUST_WEIGHTS=1`` skips the hashing; the model's sha256 is then unknown (empty), never
+the config's claim.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from tokcli.core.atomic import check_overwrite
+from tokcli.core.atomic import atomic_write_text, check_overwrite
 from tokcli.errors import TokError
 from tokcli.version import __version__
 
@@ -31,6 +39,9 @@ CARD_NAME = "README.md"
 REQUIRED_KEYS = ("family", "model_args")
 # config keys save_model_folder writes itself; everything else in a config is a folder key of the model
 _OWN_KEYS = ("tok_format", "family", "name", "model_args", "decode", "provenance")
+VERIFIED_NAME = "verified-weights.json"  # in the tok cache: sha256 of weight files, by (path, size, times)
+_VERIFIED_MAX = 512  # entries kept (the oldest are dropped)
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -44,10 +55,95 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """The tok cache: ``$TOK_CACHE``, default ``~/.cache/tok`` (converted models, verified weight hashes)."""
+    return Path(os.environ.get("TOK_CACHE") or Path.home() / ".cache" / "tok")
+
+
+def trust_weights() -> bool:
+    """``TOK_TRUST_WEIGHTS=1``: load weights without hashing them (their sha256 is then recorded as unknown)."""
+    return os.environ.get("TOK_TRUST_WEIGHTS", "") not in ("", "0")
+
+
+# --- the weights file: header and hash ------------------------------------------------------------------------
+
+def read_weights_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) of every tensor in ``path``, read from the header alone (no tensor is
+    read). The file's size must be what its header describes: a truncated copy is one clear TokError."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > min(size - 8, _MAX_HEADER):
+            raise TokError(f"{p} is not a safetensors file or is truncated ({size} bytes)")
+        raw = f.read(n)
+    try:
+        meta = json.loads(raw)
+        end = max([int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"], default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise TokError(f"{p} is not a safetensors file (its header is damaged)") from None
+    if 8 + n + end != size:
+        raise TokError(f"{p} is truncated or damaged: its header describes {8 + n + end} bytes but the file has "
+                       f"{size} (copy or download it again)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for damaged headers
+        raise TokError(f"cannot read the header of {p}: {e}") from None
+
+
+def _file_key(path: Path) -> tuple[str, dict[str, int]]:
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _read_verified() -> dict[str, Any]:
+    try:
+        d = json.loads((cache_dir() / VERIFIED_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}  # absent or corrupt: ignored (rebuilt on the next write)
+    files = d.get("files") if isinstance(d, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def cached_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 of ``path`` recorded in the cache when its path, size and times still match, else None."""
+    key, stamp = _file_key(Path(path))
+    hit = _read_verified().get(key)
+    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in stamp.items()):
+        sha = hit.get("sha256")
+        if isinstance(sha, str) and len(sha) == 64:
+            return sha
+    return None
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, hashed once per (resolved path, size, mtime_ns, ctime_ns) and remembered in the
+    tok cache (written atomically; a cache that cannot be written is skipped)."""
+    sha = cached_sha256(path)
+    if sha is not None:
+        return sha
+    key, stamp = _file_key(Path(path))
+    sha = sha256_file(path)
+    files = _read_verified()
+    files.pop(key, None)
+    files[key] = {**stamp, "sha256": sha}
+    files = dict(list(files.items())[-_VERIFIED_MAX:])
+    with contextlib.suppress(OSError, TokError):
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_dir() / VERIFIED_NAME, json.dumps({"version": 1, "files": files}) + "\n")
+    return sha
+
+
 @dataclass
 class ModelFolder:
     path: Path
     config: dict[str, Any]
+    #: how the folder was named when it was resolved: a registry name, ``hf-hub:...``; empty for a folder path
+    ref: str = field(default="", compare=False)
 
     @property
     def family(self) -> str:
@@ -67,7 +163,24 @@ class ModelFolder:
         return self.config.get("provenance", {}).get("weights_sha256", "")
 
     def verify(self) -> bool:
+        """Recompute the weights' sha256 (no cache) and compare it with the recorded one."""
         return sha256_file(self.weights_path) == self.sha256
+
+    def weights_header(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return read_weights_header(self.weights_path)
+
+    def checked_sha256(self) -> str:
+        """The sha256 of the weights as they are now, after checking it against ``provenance.weights_sha256``
+        (one-line TokError on a mismatch). ``TOK_TRUST_WEIGHTS=1``: nothing is hashed; the cached hash when there
+        is one, else ``""`` (unverified)."""
+        if trust_weights():
+            return cached_sha256(self.weights_path) or ""
+        sha = weights_sha256(self.weights_path)
+        if self.sha256 and sha != self.sha256:
+            raise TokError(f"{self.weights_path} has sha256 {sha} but {self.path / CONFIG_NAME} records {self.sha256}: "
+                           "the weights were changed or damaged after the folder was written (restore the file, or "
+                           "set TOK_TRUST_WEIGHTS=1 to load it unverified)")
+        return sha
 
     def state_dict(self, device: str = "cpu") -> dict:
         from safetensors.torch import load_file

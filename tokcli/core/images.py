@@ -8,7 +8,10 @@ Conventions (also in the README):
 - ``to_tensor`` is x/127.5 - 1 computed in float64 and cast to float32, exactly the official WeTok
   preprocessing. ``to_uint8`` clamps to [-1, 1] and **rounds** round((x+1)*127.5); the official WeTok
   scripts truncate instead, which biases every pixel down by half a level on average.
-- The pixel limit against decompression bombs is 64 megapixels, or ``TOK_MAX_PIXELS`` from the environment.
+- The pixel limit against decompression bombs is 64 megapixels, or ``TOK_MAX_PIXELS`` from the environment; the
+  largest crop size (``--image-size``) is 4096, or ``TOK_MAX_IMAGE_SIZE``.
+- Keys: a file named directly (a command-line argument or a line read from stdin) gets its file name as key; a folder
+  gives its images' paths relative to it. Two inputs with one key are refused, naming both.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from typing import IO, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from tokcli.core.atomic import atomic_path
+from tokcli.core.atomic import atomic_path, os_error_message
 from tokcli.errors import TokError, TokUsageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_IMAGE_SIZE = 4096
+NAME_MAX_BYTES = 255  # longest file name most file systems take
 
 # Formats we decode. Anything else is refused before its pixels are read (EPS, for one, would run Ghostscript).
 _FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM"})
@@ -71,21 +76,6 @@ def _folder_items(folder: Path, recursive: bool) -> list[InputItem]:
     return items
 
 
-def _stdin_key(line: str) -> str:
-    """The key for a path read from stdin: the path as given, relative to the working folder if possible.
-
-    A path outside the working folder keeps its full path without the leading '/' (so outputs still mirror it).
-    """
-    p = Path(line)
-    if p.is_absolute() or ".." in p.parts:
-        absolute = Path(os.path.abspath(p))
-        try:
-            return absolute.relative_to(Path.cwd()).as_posix()
-        except ValueError:
-            return PurePosixPath(*absolute.parts[1:]).as_posix()
-    return PurePosixPath(os.path.normpath(line).replace(os.sep, "/")).as_posix()
-
-
 def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[str] | None = None
                    ) -> list[InputItem]:
     """Expand command-line inputs into image items, in a deterministic order.
@@ -93,8 +83,11 @@ def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[s
     - a folder: every image file under it (extensions in IMAGE_EXTS, any case; names starting with '.' are
       skipped), key = path relative to the folder, sorted by key;
     - a file: always attempted whatever its extension, key = its file name;
-    - ``-``: one path per line from ``stdin`` (default sys.stdin), blank lines skipped; files get the path as
-      given as key (relative to the working folder where possible), folders expand as above.
+    - ``-``: one path per line from ``stdin`` (default sys.stdin), blank lines skipped; each line is taken as if
+      it were an argument (a file: its file name; a folder: expanded as above).
+
+    One rule for both: a file named directly gets its file name as key, a folder gives paths relative to it, so
+    ``find DIR -name '*.png' | tok encode -`` and ``tok encode DIR/*.png`` give the same keys.
 
     Raises TokUsageError when there are no inputs, TokError for a missing path, a folder without images, or
     two inputs that give the same key.
@@ -103,12 +96,12 @@ def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[s
         raise TokUsageError("no inputs given (pass image files, folders, or - to read paths from stdin)")
     items: list[InputItem] = []
 
-    def add(arg: str, from_stdin: bool) -> None:
+    def add(arg: str) -> None:
         p = Path(arg)
         if p.is_dir():
             items.extend(_folder_items(p, recursive))
         elif p.exists():
-            items.append(InputItem(p, _stdin_key(arg) if from_stdin else p.name))
+            items.append(InputItem(p, p.name))
         else:
             raise TokError(f"no such file or folder: {arg}")
 
@@ -120,9 +113,9 @@ def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[s
             if not lines:
                 raise TokError("no paths were read from stdin")
             for line in lines:
-                add(line, True)
+                add(line)
         else:
-            add(arg, False)
+            add(arg)
 
     seen: dict[str, Path] = {}
     for it in items:
@@ -148,6 +141,33 @@ def max_pixels() -> int:
     if value <= 0:
         raise TokUsageError(f"TOK_MAX_PIXELS must be positive, got {raw!r}")
     return value
+
+
+def max_image_size() -> int:
+    """The largest ``--image-size``: TOK_MAX_IMAGE_SIZE from the environment, else 4096."""
+    raw = os.environ.get("TOK_MAX_IMAGE_SIZE", "")
+    if not raw:
+        return DEFAULT_MAX_IMAGE_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        raise TokUsageError(f"TOK_MAX_IMAGE_SIZE must be a whole number of pixels, got {raw!r}") from None
+    if value <= 0:
+        raise TokUsageError(f"TOK_MAX_IMAGE_SIZE must be positive, got {raw!r}")
+    return value
+
+
+def check_image_size(size: int | None) -> int | None:
+    """Refuse a crop size above :func:`max_image_size` (a usage error) before any work; None passes."""
+    if size is None:
+        return None
+    if size <= 0:
+        raise TokUsageError(f"image size must be positive, got {size}")
+    limit = max_image_size()
+    if size > limit:
+        raise TokUsageError(f"--image-size {size} is above the maximum of {limit} (set TOK_MAX_IMAGE_SIZE to "
+                            "allow larger crops)")
+    return size
 
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
@@ -287,17 +307,23 @@ def to_uint8(x) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------------------
-def save_png(img: np.ndarray, dest: str | os.PathLike) -> None:
-    """Write uint8 [H, W, 3] (or [H, W]) as PNG, atomically (parents are created)."""
+def save_png(img: np.ndarray, dest: str | os.PathLike, *, shown_as: str | os.PathLike | None = None) -> None:
+    """Write uint8 [H, W, 3] (or [H, W]) as PNG, atomically (parents are created). A failure (full disk, ...) is a
+    one-line TokError naming ``shown_as`` (default ``dest``: a staged file is named by its final place)."""
     img = np.asarray(img)
     if img.dtype != np.uint8:
         raise TypeError(f"save_png expects uint8, got {img.dtype}")
-    with atomic_path(dest, suffix=".png") as tmp:
-        Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
+    try:
+        with atomic_path(dest, suffix=".png") as tmp:
+            Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
+    except OSError as e:
+        raise TokError(os_error_message(e, dest if shown_as is None else shown_as)) from None
 
 
 def output_path(out_dir: str | os.PathLike, key: str) -> Path:
     """out_dir / key with the extension replaced by .png; keys that would leave out_dir are refused."""
+    if "\0" in key:
+        raise TokError(f"key {key!r} contains a NUL character, which no file name can hold")
     k = key.replace("\\", "/")
     pure = PurePosixPath(k)
     if not k or pure.is_absolute() or ".." in pure.parts or (len(k) > 1 and k[1] == ":"):
@@ -306,7 +332,18 @@ def output_path(out_dir: str | os.PathLike, key: str) -> Path:
     if not parts:
         raise TokError(f"key {key!r} names no file")
     rel = PurePosixPath(*parts)
-    return Path(out_dir, *rel.with_suffix(".png").parts)
+    try:
+        rel = rel.with_suffix(".png")
+    except ValueError:
+        raise TokError(f"key {key!r} names no file") from None
+    try:
+        sizes = [len(os.fsencode(p)) for p in rel.parts]
+    except UnicodeError:
+        raise TokError(f"key {key!r} cannot be a file name on this system") from None
+    if max(sizes) > NAME_MAX_BYTES:
+        raise TokError(f"key {key[:60]!r}... has a name of {max(sizes)} bytes, longer than the {NAME_MAX_BYTES} "
+                       "a file name can have")
+    return Path(out_dir, *rel.parts)
 
 
 def output_paths(out_dir: str | os.PathLike, keys: Iterable[str]) -> list[Path]:
@@ -327,23 +364,34 @@ def output_paths(out_dir: str | os.PathLike, keys: Iterable[str]) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------
 def load_cropped(item: InputItem, size: int | None) -> np.ndarray:
     """Decode one item and ADM-centre-crop it to size (None: keep the native size)."""
+    return _load_counted(item, size)[0]
+
+
+def is_upscaled(shape: Sequence[int], size: int | None) -> bool:
+    """Whether an image of ``shape`` [H, W, ...] is enlarged more than 2x to reach a ``size`` crop."""
+    return size is not None and 2 * min(shape[0], shape[1]) < size
+
+
+def _load_counted(item: InputItem, size: int | None) -> tuple[np.ndarray, bool]:
     img = load_image(item.path)
     if size is None:
-        return img
+        return img, False
     try:
-        return adm_center_crop(img, size)
+        return adm_center_crop(img, size), is_upscaled(img.shape, size)
     except TokError as e:
         raise TokError(f"{item.path}: {e}") from None
 
 
 def iter_batches(items: Sequence[InputItem], size: int | None, batch_size: int, *, skip_errors: bool = False,
-                 errors: list | None = None, workers: int = 0) -> Iterator[tuple[list[str], np.ndarray]]:
+                 errors: list | None = None, workers: int = 0, stats: dict | None = None
+                 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (keys, uint8 [B, H, W, 3]) batches in input order.
 
     Each image is decoded and ADM-centre-cropped to ``size``. With ``size=None`` images keep their own size and
     a batch only holds consecutive images of equal size. A file that fails raises its TokError, or with
     ``skip_errors`` is recorded as (key, message) in ``errors`` and left out. ``workers`` > 0 decodes ahead in
-    that many threads (the order stays the same).
+    that many threads (the order stays the same). ``stats["upscaled"]`` (when given) counts the images smaller
+    than half the crop size, which are enlarged more than 2x.
     """
     if batch_size <= 0:
         raise TokUsageError(f"batch size must be positive, got {batch_size}")
@@ -353,7 +401,7 @@ def iter_batches(items: Sequence[InputItem], size: int | None, batch_size: int, 
     def results() -> Iterator[tuple[InputItem, np.ndarray | TokError]]:
         def run(it):
             try:
-                return load_cropped(it, size)
+                return _load_counted(it, size)
             except TokError as e:
                 return e
 
@@ -384,6 +432,9 @@ def iter_batches(items: Sequence[InputItem], size: int | None, batch_size: int, 
                 raise res
             errors.append((it.key, str(res)))
             continue
+        res, upscaled = res
+        if upscaled and stats is not None:
+            stats["upscaled"] = stats.get("upscaled", 0) + 1
         if imgs and (len(imgs) == batch_size or res.shape != imgs[0].shape):
             yield keys, np.stack(imgs)
             keys, imgs = [], []

@@ -2,14 +2,17 @@
 
 A name resolves, in this order, to a model folder (core/checkpoint.py):
 
-1. ``local-dir:PATH`` or an existing directory            -> that folder
-2. ``hf-hub:org/repo[@revision]``                          -> snapshot via huggingface_hub (HF_HUB_OFFLINE honoured)
+1. ``local-dir:PATH``, or a path (it holds a separator or starts with ``.``/``~``, or it exists and is not a
+   registry name)                                          -> that folder (``no such file or folder: PATH`` else)
+2. ``hf-hub:org/repo[@revision]``                          -> snapshot via huggingface_hub (HF_HUB_OFFLINE honoured;
+   offline is detected at once by a short connect probe, :func:`hub_unreachable`)
 3. a registry name (``wetok-tiny``, ``wetok-16x``, ...)     -> shipped ``tokcli/weights/<name>``, else the tok cache
    (``$TOK_CACHE``, default ``~/.cache/tok``) ``models/<name>``; released models that are not converted yet
-   raise an error that names the official file(s) and the ``tok convert`` command that makes the folder.
+   raise an error that names the official file(s) and the ``tok convert`` command that makes the folder. A folder
+   ``./<name>`` in the working folder is used instead only when it is a real tok model folder, with a warning.
 
-A bare name containing ``/`` or ``:`` that is not an existing path is refused with a hint to add a prefix, so a Hub
-id can never silently match a registry name. Extra entries can be registered in code (``register``) or listed in
+A bare name containing ``:`` that is no known prefix is refused with a hint naming only valid forms, so a Hub id can
+never silently match a registry name. Extra entries can be registered in code (``register``) or listed in
 JSON files named by ``$TOK_REGISTRY`` (``os.pathsep``-separated), each holding a list of entry objects.
 
 The registry is passive: families push themselves in with :func:`register_family` (their package ``__init__``
@@ -19,14 +22,18 @@ package top installs with :func:`add_discovery`, run once before the tables are 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import json
 import os
+import socket
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from tokcli.core.checkpoint import ModelFolder, is_model_folder, read_model_folder
+from tokcli.core.checkpoint import ModelFolder, cache_dir, is_model_folder, read_model_folder  # noqa: F401
 from tokcli.core.entry import HubFile, ModelEntry  # noqa: F401 - re-exported: families declare entries with them
 from tokcli.core.family import Family
 from tokcli.errors import MissingWeightsError, TokError, TokUsageError
@@ -139,10 +146,6 @@ def list_models(filter: str = "") -> list[str]:
 
 # --- where folders live ---------------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOK_CACHE") or Path.home() / ".cache" / "tok")
-
-
 def weights_dirs() -> list[Path]:
     """Folders searched for shipped weights: ``$TOK_WEIGHTS`` then the package's ``tokcli/weights/`` (installed with
     the wheel, so a plain ``pip install`` has the demo models)."""
@@ -176,68 +179,176 @@ def hf_env() -> tuple[str | None, bool]:
     return cache, offline
 
 
+HUB_PROBE_TIMEOUT_S = 2.5
+
+
+def hf_endpoint() -> str:
+    """The Hub's address as the environment says now (``HF_ENDPOINT``; huggingface_hub reads it once, at import)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _connect(host: str, port: int, timeout: float) -> None:
+    """Open and close a TCP connection within ``timeout`` seconds, name lookup included (getaddrinfo has no
+    timeout of its own, so it runs in a daemon thread). OSError when it cannot."""
+    found: list = []
+
+    def lookup():
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            found.append(e)
+
+    t = threading.Thread(target=lookup, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not found:
+        raise socket.timeout("name lookup timed out")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    family, kind, proto, _, addr = found[0][0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout)
+        sock.connect(addr)
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to the Hub (or to the HTTPS proxy, when one is set) opens within ``timeout``
+    seconds, else a short reason. Without it an offline machine spends ~20 s in huggingface_hub's retries."""
+    from urllib.parse import urlsplit
+
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), "")
+    url = urlsplit(proxy if "://" in proxy else f"http://{proxy}") if proxy else urlsplit(hf_endpoint())
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return f"{'the proxy' if proxy else 'HF_ENDPOINT'} is not a valid address"
+    if not host:
+        return f"{'the proxy' if proxy else 'HF_ENDPOINT'} names no host"
+    try:
+        _connect(host, port, timeout)
+    except OSError as e:
+        what = f"the proxy {host}:{port}" if proxy else f"the Hub at {host}:{port}"
+        return f"{what} is not reachable: {e.strerror or type(e).__name__}"
+    return None
+
+
 def _hf_snapshot(spec: str) -> Path:
     repo, _, rev = spec.partition("@")
-    if repo.count("/") != 1:
+    if repo.count("/") != 1 or not all(repo.split("/")):
         raise TokUsageError(f"hf-hub:{spec} is not of the form hf-hub:org/name[@revision]")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError
     except ImportError:  # pragma: no cover - a declared dependency
         raise TokError("huggingface_hub is not installed (pip install huggingface-hub)") from None
-    cache, offline_now = hf_env()
+    cache, offline = hf_env()
+    kw = dict(revision=rev or None, cache_dir=cache, allow_patterns=["config.json", "model.safetensors", "README.md"])
     try:
-        path = snapshot_download(repo, revision=rev or None, cache_dir=cache, local_files_only=offline_now,
-                                 allow_patterns=["config.json", "model.safetensors", "README.md"])
+        return Path(snapshot_download(repo, local_files_only=True, **kw))
     except HFValidationError as e:
         raise TokUsageError(f"hf-hub:{spec}: {e}") from None
-    except Exception as e:  # offline, not found, network: one line with what to do
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline else \
-            f"it could not be fetched ({type(e).__name__})"
-        raise MissingWeightsError(
-            f"model hf-hub:{spec} is not available: {why}; on a connected machine run "
-            f"`hf download {repo}{' --revision ' + rev if rev else ''}` to fill the cache "
-            f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'})") from None
-    return Path(path)
+    except Exception:  # noqa: BLE001 - not in the cache: the Hub, unless offline
+        pass
+    why = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline else hub_unreachable()
+    if why is None:
+        try:
+            return Path(snapshot_download(repo, endpoint=hf_endpoint(), **kw))
+        except Exception as e:  # noqa: BLE001 - not found, gated, network: one line with what to do
+            why = f"it could not be fetched ({type(e).__name__})"
+    raise MissingWeightsError(
+        f"model hf-hub:{spec} is not available: {why}; on a connected machine run "
+        f"`hf download {repo}{' --revision ' + rev if rev else ''}` to fill the cache "
+        f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'})")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a path: absolute, or starting with ``.`` / ``~``, or with a backslash or two ``/``,
+    or ``A/B`` where ``A`` exists (``org/name`` alone could be a Hub id as well: :func:`_not_a_name` says both)."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or os.sep in name.replace("/", "") or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).parent.exists()
+
+
+def _folder_path(name: str, given: str) -> ModelFolder:
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise TokError(f"no such file or folder: {name}")
+    if not p.is_dir():
+        raise TokUsageError(f"{given} is a file; a model is a folder with config.json + model.safetensors "
+                            "(official checkpoints are converted first: tok convert --help)")
+    return read_model_folder(p)
+
+
+def _shadowing_folder(name: str) -> Path | None:
+    """``./NAME`` when it is a real tok model folder (it then shadows the registry name NAME), else None."""
+    p = Path(name)
+    if not p.is_dir():
+        return None
+    try:
+        read_model_folder(p)
+    except TokError:
+        return None  # an output folder or anything else that happens to bear the name: the registry is meant
+    return p
+
+
+def _not_a_name(name: str) -> TokUsageError:
+    """The error for a name that is neither a path nor a registry name; it suggests only valid forms."""
+    repo = name.partition("@")[0]
+    if repo.count("/") == 1 and ":" not in name and all(repo.split("/")):
+        hub = f"hf-hub:{name} for that Hugging Face repo"
+    else:
+        hub = "hf-hub:org/name[@revision] for a Hugging Face repo"
+    return TokUsageError(f"{name!r} is neither a folder nor a registry name; use local-dir:PATH for a folder, {hub}, "
+                         "or a name from `tok models`")
 
 
 def resolve(name_or_path: str | os.PathLike | None = None) -> ModelFolder:
-    """Turn a model name or path into a validated ModelFolder (see the module docstring)."""
+    """Turn a model name or path into a validated ModelFolder (see the module docstring). A bare name that is a
+    registry name means the registry entry, unless ``./NAME`` is a real tok model folder: then that folder is used
+    with a warning on stderr (``local-dir:NAME`` picks it explicitly). A path that does not exist is a TokError
+    ``no such file or folder: PATH``."""
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     if not name:
         raise TokUsageError("empty model name")
     if name.startswith("local-dir:"):
-        p = Path(name[len("local-dir:"):]).expanduser()
-        if not p.is_dir():
-            raise TokError(f"local-dir:{p}: no such folder")
-        return read_model_folder(p)
+        return _folder_path(name[len("local-dir:"):], name)
     if name.startswith(("hf-hub:", "hf_hub:")):
-        return read_model_folder(_hf_snapshot(name.split(":", 1)[1]))
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return read_model_folder(p)
-    if p.is_file():
-        raise TokUsageError(f"{name} is a file; a model is a folder with config.json + model.safetensors "
-                            "(official checkpoints are converted first: tok convert --help)")
-    if "/" in name or ":" in name or "\\" in name:
-        raise TokUsageError(f"{name!r} is neither a folder nor a registry name; use local-dir:PATH for a folder "
-                            f"or hf-hub:{name} for a Hugging Face repo")
+        spec = name.split(":", 1)[1]
+        return dataclasses.replace(read_model_folder(_hf_snapshot(spec)), ref="hf-hub:" + spec)
+    if looks_like_path(name) or (Path(name).exists() and name not in entries()):
+        return _folder_path(name, name)
+    if ":" in name or "/" in name:
+        raise _not_a_name(name)
+    shadow = _shadowing_folder(name)
+    if shadow is not None:
+        print(f"warning: the local folder ./{name} is a tok model folder and shadows the registry model {name}; "
+              f"using the folder (local-dir:{name} picks it explicitly)", file=sys.stderr, flush=True)
+        return read_model_folder(shadow)
+    return dataclasses.replace(registry_folder(name), ref=name)
+
+
+def registry_folder(name: str) -> ModelFolder:
+    """The folder of registry model ``name`` on this machine; MissingWeightsError naming how to get it."""
     entry = get_entry(name)
     folder = local_folder(name)
     if folder is not None:
         return read_model_folder(folder)
+    raise MissingWeightsError(missing_weights_message(entry))
+
+
+def missing_weights_message(entry: ModelEntry) -> str:
+    name = entry.name
     if entry.hub_repo:
         files = entry.release_files()
         what = (f"the official checkpoint {files[0].spec}" if len(files) == 1 else
                 f"the official files {', '.join(f.spec for f in files)}")
-        raise MissingWeightsError(
-            f"model {name} is not converted on this machine: run `tok convert {name}` (it needs {what}, from the "
-            f"Hub or the Hugging Face cache) to create {converted_dir(name)}, or convert local copies with "
-            f"{entry.local_convert_hint()}")
+        return (f"model {name} is not converted on this machine: run `tok convert {name}` (it needs {what}, from "
+                f"the Hub or the Hugging Face cache) to create {converted_dir(name)}, or convert local copies with "
+                f"{entry.local_convert_hint()}")
     how = f"; {entry.notes}" if entry.notes and not entry.shipped else ""
-    raise MissingWeightsError(f"model {name} has no weights on this machine (looked in "
-                              f"{', '.join(str(d / name) for d in weights_dirs())} and {converted_dir(name)}){how}")
+    return (f"model {name} has no weights on this machine (looked in "
+            f"{', '.join(str(d / name) for d in weights_dirs())} and {converted_dir(name)}){how}")
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -133,9 +133,13 @@ def _plan_members(z: zipfile.ZipFile, name: str, size: int) -> dict[str, _Member
     if len(keys.shape) != 1 or keys.dtype.kind != "U":
         raise TokError(f"{name}: keys must be a 1-D string array, got {keys.dtype} of shape {keys.shape}")
     n = keys.shape[0]
-    for k in ("labels", *PAYLOADS):
-        if k in plan and (not plan[k].shape or plan[k].shape[0] != n):
-            raise TokError(f"{name} has {n} keys but {k} of shape {plan[k].shape}")
+    for k in PAYLOADS:
+        if k in plan and not plan[k].shape:
+            raise TokError(f"{name}: {k} must have an image axis, got a scalar")
+        if k in plan and plan[k].shape[0] != n:
+            raise TokError(f"{name} has {n} keys but {plan[k].shape[0]} images of {k}")
+    if "labels" in plan and plan["labels"].shape[:1] != (n,):
+        raise TokError(f"{name}: labels have shape {plan['labels'].shape} but there are {n} images")
     if "labels" in plan and plan["labels"].dtype.kind not in "uibU":
         raise TokError(f"{name}: labels have dtype {plan['labels'].dtype}; expected integers or strings")
     return plan
@@ -225,6 +229,9 @@ def _parse_header(raw: np.ndarray | None, name: str) -> dict:
         raise TokError(f"{name}: header is not valid JSON ({e.msg} at char {e.pos})") from None
     if not isinstance(header, dict):
         raise TokError(f"{name}: header is not a JSON object")
+    for k in ("tokens", "preprocess", "decode"):
+        if k in header and not isinstance(header[k], dict):
+            raise TokError(f"{name}: header {k} must be a JSON object, got {type(header[k]).__name__}")
     _check_format(header.get("tok_format"), name)
     return header
 

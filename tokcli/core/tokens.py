@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tokcli.core.atomic import atomic_path, atomic_write_text
+from tokcli.core.atomic import atomic_path, atomic_write_text, os_error_message
 from tokcli.core.checkpoint import sha256_file
 from tokcli.core.token_reader import (MANIFEST, PAYLOADS, TOK_FORMAT, TokenFile, bytes_report, read_token_file,
                                       unpack_bits)
@@ -172,7 +172,7 @@ def write_token_file(path: str | os.PathLike, *, header: dict, keys: Sequence[st
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)  # a file object, so numpy does not append ".npz" to the name
     except OSError as e:
-        raise TokError(f"cannot write {path}: {e.strerror or e}") from None
+        raise TokError(os_error_message(e, path)) from None
 
 
 def write_manifest(directory: str | os.PathLike, shard_files: Sequence[str], header: dict | None = None) -> dict:

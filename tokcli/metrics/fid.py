@@ -19,8 +19,9 @@ Definitions (what every number written by tok means):
 Statistics, stats files and the Fréchet distance live in :mod:`tokcli.metrics.fid_stats` (re-exported here).
 
 Weights are looked up (:func:`load_fid_inception`): an explicit file, then ``$TORCH_HOME/hub/checkpoints`` under
-pytorch-fid's or torch-fidelity's file name, then pytorch-fid's GitHub release unless ``HF_HUB_OFFLINE`` or
-``TOK_OFFLINE`` is set. There is never a random-weights fallback; the sha256 of the file is returned for the record.
+pytorch-fid's or torch-fidelity's file name; pytorch-fid's GitHub release is fetched only when asked (``--download``
+or ``TOK_DOWNLOAD=1``) and never under ``HF_HUB_OFFLINE`` / ``TOK_OFFLINE`` (tokcli/core/pretrained.py). There is
+never a random-weights fallback; the sha256 of the file is returned for the record.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception as tv_inception
 
+from tokcli.core import pretrained
 from tokcli.core.checkpoint import sha256_file
+from tokcli.core.pretrained import PretrainedFile
 from tokcli.errors import MissingWeightsError
 from tokcli.metrics.fid_stats import FEATURE_DIM, STATS_EXTRA_KEYS, FeatureStats, frechet_distance, load_stats
 
 __all__ = ["FEATURE_DIM", "FIDInception", "FeatureStats", "STATS_EXTRA_KEYS", "features_from_uint8",
            "find_fid_weights", "frechet_distance", "load_fid_inception", "load_stats", "resize_299",
-           "weights_folder"]
+           "weights_folder", "weights_spec"]
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -188,62 +191,37 @@ class FIDInception(nn.Module):
 # ----------------------------------------------------------------------------------------------------- weights
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() not in ("", "0", "false", "no", "off")
-               for k in ("HF_HUB_OFFLINE", "TOK_OFFLINE"))
-
-
 def weights_folder() -> Path:
     """Where pytorch-fid and torch-fidelity keep the weights: ``$TORCH_HOME/hub/checkpoints``."""
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _missing_message(folder: Path, why: str) -> str:
-    return (f"FID needs the Inception weights {WEIGHTS_FILE} in {folder} ({why}): put the file there (from "
-            f"{WEIGHTS_URL}; torch-fidelity's {WEIGHTS_FILE_FIDELITY} also works) or pass --inception-weights FILE")
+def weights_spec() -> PretrainedFile:
+    """The FID Inception weights under tok's one rule for pretrained files (tokcli/core/pretrained.py)."""
+    return PretrainedFile(what="the FID Inception weights", name=WEIGHTS_FILE, folder=weights_folder(),
+                          url=WEIGHTS_URL, aliases=(WEIGHTS_FILE_FIDELITY,), option="--inception-weights")
 
 
 def find_fid_weights(weights: str | os.PathLike | None = None) -> Path | None:
     """The weight file that would be used, without downloading: ``weights`` (must exist) or a cached copy."""
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise MissingWeightsError(f"--inception-weights {path} does not exist (expected the FID Inception "
-                                      f"weights {WEIGHTS_FILE})")
-        return path
-    folder = weights_folder()
-    for name in (WEIGHTS_FILE, WEIGHTS_FILE_FIDELITY):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    return pretrained.locate(weights_spec(), weights)
 
 
-def load_fid_inception(weights: str | os.PathLike | None = None, device="cpu") -> tuple[FIDInception, str]:
+def load_fid_inception(weights: str | os.PathLike | None = None, device="cpu", *,
+                       download: bool | None = False) -> tuple[FIDInception, str]:
     """The FID Inception in eval mode on ``device`` and the sha256 (hex) of its weight file.
 
     Search order: ``weights``; ``$TORCH_HOME/hub/checkpoints/`` under pytorch-fid's name (``WEIGHTS_FILE``) or
-    torch-fidelity's; a download of pytorch-fid's release file into that folder unless ``HF_HUB_OFFLINE`` or
-    ``TOK_OFFLINE`` is set. Otherwise a one-line :class:`MissingWeightsError`; never random weights.
+    torch-fidelity's. Downloaded there only when asked (``download`` or ``TOK_DOWNLOAD=1``) and not offline
+    (tokcli/core/pretrained.py); otherwise a one-line :class:`MissingWeightsError`; never random weights.
     """
-    path = find_fid_weights(weights)
-    if path is None:
-        folder = weights_folder()
-        if _offline():
-            raise MissingWeightsError(_missing_message(folder, "offline mode is on, so it is not downloaded"))
-        try:
-            state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, model_dir=str(folder), file_name=WEIGHTS_FILE,
-                                                       progress=True, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MissingWeightsError(_missing_message(folder, f"the download failed: {type(e).__name__}: "
-                                                               f"{str(e).splitlines()[0] if str(e) else ''}"))
-        path = folder / WEIGHTS_FILE
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated download, a pickled model instead of a state dict, ...
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MissingWeightsError(f"cannot read the FID Inception weights {path} ({type(e).__name__}: "
-                                      f"{msg[:200]}); replace it with the original {WEIGHTS_FILE}") from None
+    path = pretrained.ensure(weights_spec(), weights, download=download)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated download, a pickled model instead of a state dict, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MissingWeightsError(f"cannot read the FID Inception weights {path} ({type(e).__name__}: "
+                                  f"{msg[:200]}); replace it with the original {WEIGHTS_FILE}") from None
     model = FIDInception.from_state_dict(state, source=str(path))
     return model.to(device), sha256_file(path)
 

@@ -18,14 +18,15 @@ class LPIPS(PerImageMetric):
         self.model, self.info, self.device = model, info, device
 
     @classmethod
-    def load(cls, net: str = "alex", *, weights: str | None = None, device="cpu") -> "LPIPS":
-        """The pretrained LPIPS-``net`` (backbone from ``weights`` or the torch hub cache); MissingWeightsError
-        naming the file when it is absent."""
+    def load(cls, net: str = "alex", *, weights: str | None = None, device="cpu",
+             download: bool = False) -> "LPIPS":
+        """The pretrained LPIPS-``net`` (backbone from ``weights`` or the torch hub cache, fetched only when
+        ``download``); MissingWeightsError naming the file when it is absent."""
         from tokcli.core.checkpoint import sha256_file
-        from tokcli.losses.perceptual import backbone_path, load_lpips
+        from tokcli.losses.perceptual import load_lpips
 
-        model = load_lpips(net, backbone="pretrained", device=device, weights=weights)
-        src = Path(weights) if weights else backbone_path(net)
+        model = load_lpips(net, backbone="pretrained", device=device, weights=weights, download=download)
+        src = Path(model.backbone_file)
         info = {"net": net, "version": "0.1", "backbone_file": src.name, "backbone_sha256": sha256_file(src)}
         return cls(model, info, device)
 

@@ -50,12 +50,13 @@ class RFID(Metric):
         self.real = FeatureStats() if ref is None else None
 
     @classmethod
-    def load(cls, weights: str | None = None, *, ref_stats: str | None = None, **kw) -> "RFID":
-        """The FID Inception (``weights`` or the cached file; MissingWeightsError when absent) and the reference
-        statistics file, if any. ``kw``: batch_size, device, primary."""
+    def load(cls, weights: str | None = None, *, ref_stats: str | None = None, download: bool = False,
+             **kw) -> "RFID":
+        """The FID Inception (``weights`` or the cached file, fetched only when ``download``; MissingWeightsError
+        when absent) and the reference statistics file, if any. ``kw``: batch_size, device, primary."""
         from tokcli.metrics.fid import load_fid_inception
 
-        net, sha = load_fid_inception(weights, device=kw.get("device", "cpu"))
+        net, sha = load_fid_inception(weights, device=kw.get("device", "cpu"), download=download)
         ref = FeatureStats.from_npz(ref_stats) if ref_stats is not None else None
         return cls(net, sha, ref=ref, ref_path=ref_stats, **kw)
 

@@ -45,6 +45,8 @@ def collect_training_files(roots: list[str], recursive: bool = True) -> list[Inp
     items: list[InputItem] = []
     for i, root in enumerate(roots):
         p = Path(root)
+        if not p.exists():
+            raise TokError(missing_root_message(root))
         if p.is_file() and p.suffix.lower() == ".txt":
             lines = [ln.split("#", 1)[0].strip() for ln in p.read_text(encoding="utf-8").splitlines()]
             if not any(lines):
@@ -63,6 +65,24 @@ def collect_training_files(roots: list[str], recursive: bool = True) -> list[Inp
             found = collect_inputs([root], recursive=recursive)
         items.extend(InputItem(it.path, f"{i}/{it.key}") for it in found)
     return items
+
+
+#: the data.roots of the shipped CPU recipes, built by scripts/build_dataset.py
+DEMO_ROOTS = ("data/train", "data/heldout")
+BUILD_HINT = ("build them with: pip install -e '.[data]' && python scripts/build_dataset.py --install (about 20 s; "
+              "--install apt-gets the Debian photo packages lomiri-wallpapers-16.04 and mate-backgrounds as root, or "
+              "use --skip-debian for a smaller set of 8 photos from scikit-image and scikit-learn only)")
+
+
+def missing_root_message(root: str) -> str:
+    """One line for a ``data.roots`` entry that does not exist; for the shipped recipes' demo photos, how to get
+    them."""
+    msg = f"no such file or folder: {root} (in the recipe's data.roots"
+    if not Path(root).is_absolute():
+        msg += f", read from the working folder {Path.cwd()}"
+    if Path(root).as_posix().rstrip("/") in DEMO_ROOTS:
+        return f"{msg}); the shipped recipes train on tok's demo photos, run from the repository root: {BUILD_HINT}"
+    return msg + ")"
 
 
 class TrainData(torch.utils.data.Dataset):

@@ -148,7 +148,7 @@ def _run(st: TrainState, run_dir: Path, max_steps: int, progress: bool, ckpt_in:
         bar = tqdm(total=max_steps, initial=st.step, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
                    desc=r.name, unit="step")
     t_start = t_window = time.perf_counter()
-    n_window, ips, last, ckpt_out = 0, 0.0, {}, ckpt_in
+    n_window, ips, last, ckpt_out = 0, None, {}, ckpt_in
     while st.step < max_steps:
         factor = lr_multiplier(r, st.step)
         last = train_step(st, batches, autocast, factor)
@@ -163,7 +163,7 @@ def _run(st: TrainState, run_dir: Path, max_steps: int, progress: bool, ckpt_in:
                        "images_per_s": round(ips, 3)}
                 ck.append_jsonl(run_dir / "metrics.jsonl", row)
         if bar is not None:
-            bar.set_postfix({"loss": f"{last.get('loss', math.nan):.4f}", "img/s": f"{ips:.1f}"}, refresh=False)
+            bar.set_postfix(progress_postfix(last, ips), refresh=False)
             bar.update(1)
         if is_main and r.run.sample_every and st.step % r.run.sample_every == 0:
             _save_samples(run_dir / "samples" / f"{ck.CKPT_PREFIX}{st.step:07d}.png", st.objective)
@@ -176,6 +176,15 @@ def _run(st: TrainState, run_dir: Path, max_steps: int, progress: bool, ckpt_in:
         last = ck.last_logged_losses(run_dir / "metrics.jsonl", st.step)
     del batches
     return last, ckpt_out, seconds
+
+
+def progress_postfix(last: dict[str, float], ips: float | None) -> dict[str, str]:
+    """The progress bar's loss and images/s; the rate only once a log window has measured it (never a 0.0
+    placeholder, e.g. right after a resume)."""
+    out = {"loss": f"{last.get('loss', math.nan):.4f}"}
+    if ips is not None:
+        out["img/s"] = f"{ips:.1f}"
+    return out
 
 
 def train_step(st: TrainState, batches, autocast, lr_factor: float) -> dict[str, float]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokcli.errors import TokUsageError
+from tokcli.errors import TokError, TokUsageError
 
 PERCEPTUAL_CHOICES = ("lpips-vgg", "lpips-vgg-random", "none")
 PRECISIONS = ("fp32", "bf16")
@@ -160,10 +160,10 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "loss": LossSection, "o
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a TOML recipe file."""
     p = Path(path)
+    if not p.exists():
+        raise TokError(f"no such file or folder: {path}")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokUsageError(f"recipe {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TokUsageError(f"cannot read recipe {p}: {e}") from None
     except tomllib.TOMLDecodeError as e:
@@ -194,7 +194,6 @@ def recipe_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Recipe:
 def loss_section_class(m: ModelSection, source: str = "<dict>") -> type:
     """The [loss] dataclass of the recipe's family (checks that the family and ``model.objective`` exist)."""
     from tokcli.core.registry import get_family
-    from tokcli.errors import TokError
 
     if not m.family:
         raise TokUsageError(f"{source}: 'model.family' must name a model family")

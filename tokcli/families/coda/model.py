@@ -9,8 +9,9 @@ inside a scale; every index lies in one shared codebook. The scale list fixes th
 exactly one image size (``image_size`` = last scale x the VAE's downsampling).
 
 Encoding uses the posterior *mean*. The official code samples the posterior (``posterior.sample()``) even at
-evaluation; tok is deterministic so that tokens reproduce (docs/design-notes.md). ``CodaVAE.encode_sampled``
-replays the official path when needed.
+evaluation; tok is deterministic so that tokens reproduce (docs/design-notes.md). ``encode(x, sample_posterior=True,
+seed=[...])`` (``tok encode --sample-posterior``) takes the official sampled path, image i's noise drawn from its own
+seed so it replays; ``CodaVAE.encode_sampled`` takes explicit noise.
 
 model_args mirror the official config keys: ``vae`` (the VAE architecture), ``vae_latent_channels``,
 ``patch_size_list``, ``codebook_size``, ``vq_attn_dim``, ``vq_norm_type``, ``vq_commitment_beta``,
@@ -101,8 +102,18 @@ class Coda(Tokenizer):
         """Scaled continuous latent (posterior mean * latent_scale), the quantizer's input."""
         return self.vae.encode(self.check_images(x))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        latent = self.encode_latent(x)
+    def encode_latent_sampled(self, x: torch.Tensor, seed=None) -> torch.Tensor:
+        """Scaled posterior sample (the official encode). ``seed``: one int per image (replayable; an int seeds
+        image i with ``seed + i``), or None for the global RNG."""
+        x = self.check_images(x)
+        if seed is None:
+            return self.vae.encode_sampled(x)
+        seeds = [int(seed) + i for i in range(x.shape[0])] if isinstance(seed, int) else [int(s) for s in seed]
+        return self.vae.encode_seeded(x, seeds)
+
+    def encode(self, x: torch.Tensor, *, sample_posterior: bool = False, seed=None) -> torch.Tensor:
+        """Images -> ids [B, T]; the posterior mean, or with ``sample_posterior`` a seeded posterior sample."""
+        latent = self.encode_latent_sampled(x, seed) if sample_posterior else self.encode_latent(x)
         last = self.quantize.patch_size_list[-1]
         if latent.shape[-2:] != (last, last):
             raise TokError(f"CODA takes {self.model_args['image_size']}x{self.model_args['image_size']} images "

@@ -42,7 +42,8 @@ REGISTRY = [
         name="coda-tiny", family="coda", shipped=True, license="other",
         description="demo CODA on kl-tiny (LoRA rank 8, 680 tokens of 2^10 at 128 px) trained by tok on CPU on 32 "
                     "openly licensed photos",
-        notes="see tokcli/weights/coda-tiny/README.md for data, training and measured quality",
+        notes="see tokcli/weights/coda-tiny/README.md for data, training and measured quality; licence: "
+              "other (trained on CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos, listed in the card)",
     ),
     ModelEntry(
         name="coda-mar", family="coda",

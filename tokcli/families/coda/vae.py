@@ -343,6 +343,26 @@ class CodaVAE(KLVAE):
         self.lora_modules = frozenset(targets)
         return targets
 
+    # ---- sampled encode, replayable
+
+    @staticmethod
+    def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        """Standard normal noise [B, *shape[1:]], image i drawn on the CPU from its own generator seeded with
+        ``seeds[i]`` (the same numbers on every device and whatever the batching)."""
+        if len(seeds) != shape[0]:
+            raise TokError(f"{len(seeds)} seeds for {shape[0]} images")
+        if not len(seeds):
+            return torch.zeros(tuple(shape))
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens])
+
+    def encode_seeded(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """``encode_sampled`` (the official sampled encode) with each image's noise from its own seed: equal to
+        ``encode_sampled(x, noise=seeded_noise(mean.shape, seeds))``, in one encoder pass."""
+        mean, std = self.posterior(x)
+        noise = self.seeded_noise(mean.shape, seeds).to(device=mean.device, dtype=mean.dtype)
+        return self.scale_latent(mean + std * noise)
+
     # ---- loading
 
     def convert_official_state_dict(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,9 +20,10 @@ def _args(ch_mult, z=32, g=4, gd=False):
 
 REGISTRY = [
     ModelEntry(
-        name="wetok-tiny", family="wetok", shipped=True, license="apache-2.0",
+        name="wetok-tiny", family="wetok", shipped=True, license="other",
         description="demo WeTok (ds8, 2 groups x 8 bits) trained by tok on CPU on 32 openly licensed photos",
-        notes="see tokcli/weights/wetok-tiny/README.md for data, training and measured quality",
+        notes="see tokcli/weights/wetok-tiny/README.md for data, training and measured quality; licence: other "
+              "(trained on CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos, listed in the card)",
     ),
     ModelEntry(
         name="wetok-16x", family="wetok", model_args=_args([1, 1, 2, 2, 4]),
