@@ -66,8 +66,8 @@ def check_posterior(model, sample_posterior: bool) -> bool:
     if not sample_posterior:
         return False
     if "sample_posterior" not in inspect.signature(model.encode).parameters:
-        raise TokUsageError(f"the {model.family} family has no posterior to sample (--sample-posterior is for "
-                            "families with a VAE posterior, e.g. coda)")
+        raise TokUsageError(f"the {model.family} family has no posterior sampling (--sample-posterior is for "
+                            "families whose encode samples a VAE posterior, e.g. coda)")
     return True
 
 

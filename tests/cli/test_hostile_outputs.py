@@ -437,4 +437,4 @@ def test_coda_library_sampled_encode_per_image_seeds():
 def test_sample_posterior_refused_by_a_family_without_one(tiny_model, images, tmp_path):
     for cmd in ("encode", "reconstruct"):
         p = run_tok(cmd, images, "-m", tiny_model, "-o", tmp_path / "o.npz", "--sample-posterior")
-        assert p.returncode == 2 and "has no posterior to sample" in _one_line_error(p)
+        assert p.returncode == 2 and "has no posterior sampling" in _one_line_error(p)

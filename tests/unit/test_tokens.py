@@ -227,7 +227,7 @@ def test_truncated_and_not_npz(good, tmp_path):
     empty = tmp_path / "e.npz"
     empty.write_bytes(b"")
     _expect(empty, "empty")
-    _expect(tmp_path / "missing.npz", "no such token file")
+    _expect(tmp_path / "missing.npz", "no such file or folder")
 
 
 def test_damaged_member_crc(good):

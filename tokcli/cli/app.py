@@ -80,7 +80,7 @@ app.add_typer(bench.app, name="bench")
 def _stdout_closed() -> bool:
     """Flush stdout now (not at interpreter exit, where a closed pipe would print a traceback); True when the reader
     went away. click's own handler of a closed pipe wraps stdout in a PacifyFlushWrapper: that counts too."""
-    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+    if type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
         return True
     try:
         sys.stdout.flush()

@@ -38,9 +38,11 @@ def check_overwrite(dest: str | os.PathLike, overwrite: bool) -> Path:
 # --------------------------------------------------------------------------------------------------------
 # messages
 # --------------------------------------------------------------------------------------------------------
-def os_error_message(e: OSError, path: str | os.PathLike | None = None, doing: str = "writing") -> str:
-    """One line for an OSError met while writing ``path`` (a full disk, a name too long, no permission, ...)."""
+def os_error_message(e: OSError, path: str | os.PathLike | None = None, action: str = "write") -> str:
+    """One line for an OSError met while ``action`` ("write" / "create") ``path``: a full disk, a name too long,
+    no permission, ..."""
     where = path if path is not None else (e.filename or "the output")
+    doing = {"write": "writing", "create": "creating"}.get(action, action)
     if e.errno == errno.ENOSPC:
         return f"no space left on device while {doing} {where}"
     if e.errno == errno.EDQUOT:
@@ -48,7 +50,7 @@ def os_error_message(e: OSError, path: str | os.PathLike | None = None, doing: s
     if e.errno == errno.ENAMETOOLONG:
         return f"file name too long while {doing} {where}"
     reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
-    return f"cannot {'write' if doing == 'writing' else doing} {where}: {reason}"
+    return f"cannot {action} {where}: {reason}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def make_folder(folder: str | os.PathLike) -> Path:
     except FileExistsError:
         raise TokError(f"{folder} (or a folder above it) is a file, not a folder") from None
     except OSError as e:
-        raise TokError(os_error_message(e, folder, "creating")) from None
+        raise TokError(os_error_message(e, folder, "create")) from None
     return folder
 
 

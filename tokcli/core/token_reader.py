@@ -1,5 +1,9 @@
 """Reading token files and sharded sets (the format is described in :mod:`tokcli.core.tokens`, which re-exports
-everything public here): every problem is a one-line :class:`TokError`, pickles are refused."""
+everything public here): every problem is a one-line :class:`TokError`, pickles are refused.
+
+Hostile files: only the known members are read, and each member's .npy header (shape, dtype) is checked against the
+zip's sizes, the keys' N and the JSON header before any of its data is read; unknown members, object dtypes, raw
+(pickled) bytes and deflated members that unpack more than 100:1 past 16 MiB (zip bombs) are refused."""
 
 from __future__ import annotations
 
@@ -193,7 +197,8 @@ def _open_source(path: str | os.PathLike) -> tuple[BinaryIO, str, int]:
 
 
 def _load_members(f: BinaryIO, name: str, size: int) -> dict[str, np.ndarray]:
-    """The known arrays of an .npz, each checked from its .npy header before a byte of its data is read (:func:`_plan_members`); every failure is a one-line TokError."""
+    """The known arrays of an .npz, each checked from its .npy header before a byte of its data is read
+    (:func:`_plan_members`); every failure is a one-line TokError."""
     if size == 0:
         raise TokError(f"{name} is empty (0 bytes), not a token file")
     magic = f.read(4)

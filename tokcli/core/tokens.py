@@ -12,6 +12,8 @@ Layout (always loadable with ``np.load(path, allow_pickle=False)``):
 - optional ``labels`` [N].
 
 Arrays are stored uncompressed, so an index payload costs exactly its bytes (plus a 128-byte .npy header).
+Readers refuse any other member, object arrays and raw bytes, and a deflated member above 16 MiB that unpacks more
+than 100:1 (a zip bomb), all before reading the data (``token_reader``).
 
 A sharded set is a folder with ``manifest.json`` = {"tok_format": 1, "header": {...}, "count": total,
 "shards": [{"file": "part-00000.npz", "count": n, "sha256": "..."}, ...]} and the shard files beside it.

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import inception as tv_inception
 
 from tokcli.core import pretrained
 from tokcli.core.checkpoint import sha256_file
@@ -63,47 +62,121 @@ def _max_pool_same(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
 
 
-class _BlockA(tv_inception.InceptionA):
-    """torchvision's InceptionA layers; pool branch with TF's border averaging."""
+class _Conv(nn.Module):
+    """Convolution without bias, BatchNorm (eps 1e-3, TF's), ReLU: the unit of every Inception layer. The names
+    ``conv`` / ``bn`` are those of the weight file."""
+
+    def __init__(self, cin: int, cout: int, kernel, stride: int = 1, padding=0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_tf_avg_pool(x))
-        return torch.cat([b1, b5, b3, bp], 1)
+        return F.relu(self.bn(self.conv(x)))
 
 
-class _BlockC(tv_inception.InceptionC):
-    """torchvision's InceptionC layers; pool branch with TF's border averaging."""
+def _row(cin: int, cout: int, k: int) -> _Conv:
+    """A 1 x k convolution that keeps the size."""
+    return _Conv(cin, cout, (1, k), padding=(0, k // 2))
+
+
+def _col(cin: int, cout: int, k: int) -> _Conv:
+    """A k x 1 convolution that keeps the size."""
+    return _Conv(cin, cout, (k, 1), padding=(k // 2, 0))
+
+
+def _chain(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class _BlockA(nn.Module):
+    """Mixed_5b-5d (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | TF average pool-1x1."""
+
+    def __init__(self, cin: int, pool_features: int) -> None:
+        super().__init__()
+        self.branch1x1 = _Conv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = _Conv(cin, 48, 1), _Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = _Conv(64, 96, 3, padding=1), _Conv(96, 96, 3, padding=1)
+        self.branch_pool = _Conv(cin, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
-            bd = layer(bd)
-        bp = self.branch_pool(_tf_avg_pool(x))
-        return torch.cat([b1, b7, bd, bp], 1)
+        return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(_tf_avg_pool(x))], 1)
 
 
-class _BlockE(tv_inception.InceptionE):
-    """torchvision's InceptionE layers; pool branch ``"avg"`` (TF border averaging; Mixed_7b) or ``"max"``
-    (Mixed_7c)."""
+class _BlockB(nn.Module):
+    """Mixed_6a, 35x35 -> 17x17: 3x3/2 | 1x1-3x3-3x3/2 | 3x3/2 max pool."""
 
-    def __init__(self, in_channels: int, pool: str) -> None:
-        super().__init__(in_channels)
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.branch3x3 = _Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = _Conv(64, 96, 3, padding=1), _Conv(96, 96, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch3x3(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class _BlockC(nn.Module):
+    """Mixed_6b-6e (17x17), 7x7 factorised into 1x7 and 7x1: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | TF average
+    pool-1x1."""
+
+    def __init__(self, cin: int, channels_7x7: int) -> None:
+        super().__init__()
+        c = channels_7x7
+        self.branch1x1 = _Conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = _Conv(cin, c, 1), _row(c, c, 7), _col(c, 192, 7)
+        self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3 = _Conv(cin, c, 1), _col(c, c, 7), _row(c, c, 7)
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = _col(c, c, 7), _row(c, 192, 7)
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b7 = _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
+        bd = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                    self.branch7x7dbl_5)
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class _BlockD(nn.Module):
+    """Mixed_7a, 17x17 -> 8x8: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | 3x3/2 max pool."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = _Conv(cin, 192, 1), _Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = _Conv(cin, 192, 1), _row(192, 192, 7)
+        self.branch7x7x3_3, self.branch7x7x3_4 = _col(192, 192, 7), _Conv(192, 192, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b7 = _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)
+        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2), b7, F.max_pool2d(x, kernel_size=3, stride=2)],
+                         1)
+
+
+class _BlockE(nn.Module):
+    """Mixed_7b / 7c (8x8), 3x3 split into parallel 1x3 and 3x1: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1,
+    the pool ``"avg"`` (TF border averaging; Mixed_7b) or ``"max"`` (Mixed_7c)."""
+
+    def __init__(self, cin: int, pool: str) -> None:
+        super().__init__()
+        self.branch1x1 = _Conv(cin, 320, 1)
+        self.branch3x3_1, self.branch3x3_2a, self.branch3x3_2b = _Conv(cin, 384, 1), _row(384, 384, 3), \
+            _col(384, 384, 3)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 448, 1), _Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = _row(384, 384, 3), _col(384, 384, 3)
+        self.branch_pool = _Conv(cin, 192, 1)
         self._pool = _tf_avg_pool if pool == "avg" else _max_pool_same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.branch1x1(x)
         t = self.branch3x3_1(x)
         b3 = torch.cat([self.branch3x3_2a(t), self.branch3x3_2b(t)], 1)
         t = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(t), self.branch3x3dbl_3b(t)], 1)
-        bp = self.branch_pool(self._pool(x))
-        return torch.cat([b1, b3, bd, bp], 1)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self._pool(x))], 1)
 
 
 def resize_299(x: torch.Tensor) -> torch.Tensor:
@@ -120,21 +193,20 @@ class FIDInception(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        conv = tv_inception.BasicConv2d
-        self.Conv2d_1a_3x3 = conv(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = conv(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = conv(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = conv(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = conv(80, 192, kernel_size=3)
+        self.Conv2d_1a_3x3 = _Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = _Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = _Conv(80, 192, 3)
         self.Mixed_5b = _BlockA(192, pool_features=32)
         self.Mixed_5c = _BlockA(256, pool_features=64)
         self.Mixed_5d = _BlockA(288, pool_features=64)
-        self.Mixed_6a = tv_inception.InceptionB(288)
+        self.Mixed_6a = _BlockB(288)
         self.Mixed_6b = _BlockC(768, channels_7x7=128)
         self.Mixed_6c = _BlockC(768, channels_7x7=160)
         self.Mixed_6d = _BlockC(768, channels_7x7=160)
         self.Mixed_6e = _BlockC(768, channels_7x7=192)
-        self.Mixed_7a = tv_inception.InceptionD(768)
+        self.Mixed_7a = _BlockD(768)
         self.Mixed_7b = _BlockE(1280, pool="avg")
         self.Mixed_7c = _BlockE(2048, pool="max")
         self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)  # the TF classifier: in the weight file, unused for FID

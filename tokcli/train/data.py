@@ -69,20 +69,19 @@ def collect_training_files(roots: list[str], recursive: bool = True) -> list[Inp
 
 #: the data.roots of the shipped CPU recipes, built by scripts/build_dataset.py
 DEMO_ROOTS = ("data/train", "data/heldout")
-BUILD_HINT = ("build them with: pip install -e '.[data]' && python scripts/build_dataset.py --install (about 20 s; "
-              "--install apt-gets the Debian photo packages lomiri-wallpapers-16.04 and mate-backgrounds as root, or "
-              "use --skip-debian for a smaller set of 8 photos from scikit-image and scikit-learn only)")
+BUILD_HINT = ("pip install -e '.[data]' && python scripts/build_dataset.py --install (~20 s; --install apt-gets "
+              "lomiri-wallpapers-16.04 and mate-backgrounds, as root; --skip-debian instead: 8 photos from "
+              "scikit-image and scikit-learn only)")
 
 
 def missing_root_message(root: str) -> str:
-    """One line for a ``data.roots`` entry that does not exist; for the shipped recipes' demo photos, how to get
+    """One line for a ``data.roots`` entry that does not exist; for the shipped recipes' demo photos, how to build
     them."""
-    msg = f"no such file or folder: {root} (in the recipe's data.roots"
-    if not Path(root).is_absolute():
-        msg += f", read from the working folder {Path.cwd()}"
+    where = "" if Path(root).is_absolute() else f", read from the working folder {Path.cwd()}"
+    msg = f"no such file or folder: {root} (data.roots{where})"
     if Path(root).as_posix().rstrip("/") in DEMO_ROOTS:
-        return f"{msg}); the shipped recipes train on tok's demo photos, run from the repository root: {BUILD_HINT}"
-    return msg + ")"
+        msg += f"; the shipped recipes' demo photos are built, in the repository root, by: {BUILD_HINT}"
+    return msg
 
 
 class TrainData(torch.utils.data.Dataset):
