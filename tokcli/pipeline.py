@@ -149,6 +149,10 @@ def check_header(model, header: dict[str, Any], *, force: bool = False) -> int:
     for k in ("kind", "codebook_size", "bits", "latent_dim", "downsample"):
         if t.get(k) != getattr(mine, k):
             raise TokError(f"token file spec {k}={t.get(k)!r} does not match model {model.name} ({getattr(mine, k)!r})")
+    extra = t.get("extra") if isinstance(t.get("extra"), dict) else {}
+    for k in model.header_checked_extra:  # token-spec extras the decoder depends on (e.g. SoftVQ's normalisation)
+        if extra.get(k) != mine.extra.get(k):
+            raise TokError(f"token file {k}={extra.get(k)!r} does not match model {model.name} ({mine.extra.get(k)!r})")
     try:
         size = int(pre.get("image_size", model.preprocess["image_size"]))
     except (TypeError, ValueError):

@@ -136,3 +136,21 @@ def test_info_shows_the_latent_statistics(folders):
         header = json.loads(str(z["header"][()]))
     assert set(header["tokens"]["extra"]) >= {"vq_mean", "vq_std", "normalized"}
     assert b"vq_std" in p.stdout
+
+
+def test_decode_refuses_normalised_latents_for_a_raw_model(folders, tmp_path):
+    """Same weights, same sha256, but the file holds (z - mean) / std: decoding it as raw z would be silently wrong."""
+    import shutil
+
+    model, files, imgs = folders
+    norm = tmp_path / "norm-model"
+    shutil.copytree(model, norm)
+    cfg = json.loads((norm / "config.json").read_text())
+    cfg["model_args"]["normalize_latents"] = True
+    cfg["tokens"]["extra"]["normalized"] = True
+    (norm / "config.json").write_text(json.dumps(cfg))
+    p = run_tok("encode", imgs, "-m", norm, "-o", tmp_path / "n.npz", "--device", "cpu")
+    assert p.returncode == 0, p.stderr.decode()
+    err = _one_line_error(run_tok("decode", tmp_path / "n.npz", "-m", model, "-o", tmp_path / "out"))
+    assert "normalized=True" in err
+    assert run_tok("decode", tmp_path / "n.npz", "-m", norm, "-o", tmp_path / "ok").returncode == 0

@@ -79,6 +79,8 @@ class Tokenizer(TokModel):
     #: decode() keywords beyond seed / noise / clamp that this family understands (e.g. ("steps", "cfg")).
     sampler_options: tuple[str, ...] = ()
     stochastic_decoder: bool = False
+    #: keys of ``spec.extra`` a token file must match to be decoded by this model (what the decoder depends on).
+    header_checked_extra: tuple[str, ...] = ()
 
     # --- the contract -------------------------------------------------------------------------------
     @property

@@ -89,6 +89,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 
 class SoftVQ(Tokenizer):
     family = FAMILY
+    header_checked_extra = ("normalized", "vq_mean", "vq_std")
 
     def __init__(self, **model_args):
         super().__init__()
