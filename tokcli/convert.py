@@ -82,9 +82,12 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
     model_args = None
     prov: dict = {}
     extra_files: dict[str, Path] = {}
-    if src.is_dir():
-        raise TokUsageError(f"{source} is a folder; tok convert takes an official checkpoint file or a registry name")
-    if src.is_file():
+    if config and not Path(config).expanduser().exists():
+        raise TokError(f"no such file or folder: {config}")
+    if src.is_dir() and not (family or as_model):
+        raise TokUsageError(f"{source} is a folder; give --family or --as with it (an official release folder, e.g. "
+                            f"SoftVQ's), or pass a checkpoint file or a registry name")
+    if src.is_file() or src.is_dir():
         if as_model:
             entry = get_entry(as_model)
             family = family or entry.family
@@ -97,7 +100,7 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
         else:
             if not family:
                 raise TokUsageError("converting a file needs --family (e.g. --family wetok) or --as REGISTRY_NAME")
-            if not config:
+            if not config and not src.is_dir():
                 raise TokUsageError("converting a file needs its official --config YAML (or --as REGISTRY_NAME)")
             if not output:
                 raise TokUsageError("converting a file needs -o/--output DIR (or --as REGISTRY_NAME)")
@@ -106,7 +109,7 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
         prov["source"] = str(src.resolve())
     else:
         if "/" in source or "\\" in source or source.endswith((".ckpt", ".pth", ".pt", ".safetensors")):
-            raise TokError(f"no such file: {source}")
+            raise TokError(f"no such file or folder: {source}")
         entry = get_entry(source)
         if not entry.hub_repo:
             if entry.shipped:

@@ -77,6 +77,9 @@ def image_size_for(model, image_size: int | None) -> int:
     check_image_size(image_size)
     pre = model.preprocess
     size = int(image_size or pre["image_size"])
+    if model.spec.downsample is None and size != int(pre["image_size"]):  # 1-D tokens: one size only
+        raise TokUsageError(f"--image-size {size}: {model.name or 'the model'} takes only {pre['image_size']}x"
+                            f"{pre['image_size']} images (its tokens do not scale with the image)")
     m = int(pre.get("multiple_of", 1))
     if size % m:
         raise TokUsageError(f"--image-size {size} is not a multiple of {m} (what {model.name or 'the model'} needs)")
@@ -87,6 +90,8 @@ def model_ref(name_or_path: str | None, model) -> str:
     """How a token file names its model: the registry name, or local-dir:<absolute path>."""
     from tokcli.core.registry import DEFAULT_MODEL
 
+    if getattr(model, "ref", ""):  # what resolution actually picked (a registry name is not shadowed by a folder)
+        return model.ref
     ref = name_or_path or DEFAULT_MODEL
     p = Path(ref[len("local-dir:"):] if ref.startswith("local-dir:") else ref).expanduser()
     if ref.startswith("local-dir:") or p.is_dir():

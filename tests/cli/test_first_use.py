@@ -96,6 +96,14 @@ def test_encode_with_a_missing_model_path_says_so(tmp_path):
     assert p.returncode == 1 and p.stderr.decode() == "error: no such file or folder: /nonexistent/model\n"
 
 
+def test_convert_with_missing_paths_says_so(tmp_path):
+    p = run_tok("convert", "runs/missing.ckpt", "--as", "wetok-16x", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.decode() == "error: no such file or folder: runs/missing.ckpt\n"
+    (tmp_path / "w.ckpt").write_bytes(b"x")
+    p = run_tok("convert", "w.ckpt", "--family", "wetok", "--config", "missing.yaml", "-o", "out", cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.decode() == "error: no such file or folder: missing.yaml\n"
+
+
 def test_info_on_an_unknown_bare_name_stays_a_usage_error(tmp_path):
     p = run_tok("info", "wetok-16", cwd=tmp_path)
     assert p.returncode == 2 and "did you mean" in p.stderr.decode()
@@ -159,3 +167,14 @@ def test_shipped_models_are_untouched_by_the_card_edits():
         folder = REPO / "tokcli" / "weights" / name
         cfg = json.loads((folder / "config.json").read_text())
         assert sha256_file(folder / "model.safetensors") == cfg["provenance"]["weights_sha256"]
+
+
+def test_a_one_size_model_says_so_before_any_work(tmp_path):
+    """coda-tiny takes exactly 128x128 images: --image-size 100 and 256 are usage errors up front (issue 9, 13)."""
+    from conftest import REPO, run_tok
+
+    for size in ("100", "256"):
+        p = run_tok("encode", REPO / "samples", "-m", "coda-tiny", "--image-size", size, "-o", tmp_path / "c.npz")
+        err = p.stderr.decode()
+        assert p.returncode == 2 and "takes only 128x128" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "c.npz").exists()

@@ -38,7 +38,7 @@ def test_default_and_local_dir(tiny_model):
         registry.resolve("org/thing")
     with pytest.raises(TokUsageError, match="did you mean"):
         registry.resolve("wetok-16")
-    with pytest.raises(TokError, match="no such folder"):
+    with pytest.raises(TokError, match="no such file or folder"):
         registry.resolve("local-dir:/nonexistent/x")
 
 
@@ -66,7 +66,7 @@ def test_load_api_contract(tiny_model):
     assert t.shape == (2, 16, 16, 2) and t.dtype == torch.long and int(t.max()) < 256
     y = tok.decode(t)
     assert y.shape == x.shape and float(y.abs().max()) <= 1.0
-    assert tok.name == "tiny" and len(tok.sha256) == 64
+    assert tok.config_name == "tiny" and tok.name == str(tiny_model) and len(tok.sha256) == 64
 
 
 @pytest.mark.skipif(not (PARITY / "wetok" / "WeTok.ckpt").is_file(), reason="parity fixtures not present")
@@ -143,7 +143,7 @@ def test_family_build_and_folder_round_trip(tmp_path):
     assert cfg["model_args"] == model.model_args and cfg["tokens"] == model.spec.to_dict()
     assert cfg["preprocess"] == model.preprocess and cfg["decode"] == {} and folder.verify()
     back = TokModel.from_folder(tmp_path / "m")
-    assert type(back) is WeTok and not back.training and back.name == "m"
+    assert type(back) is WeTok and not back.training and back.config_name == "m"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
     with pytest.raises(TokError, match="already exists"):
         model.save_folder(tmp_path / "m")

@@ -154,3 +154,13 @@ def test_decode_refuses_normalised_latents_for_a_raw_model(folders, tmp_path):
     err = _one_line_error(run_tok("decode", tmp_path / "n.npz", "-m", model, "-o", tmp_path / "out"))
     assert "normalized=True" in err
     assert run_tok("decode", tmp_path / "n.npz", "-m", norm, "-o", tmp_path / "ok").returncode == 0
+
+
+def test_convert_a_release_folder_through_the_cli(tmp_path):
+    rel = _official_release(tmp_path / "release", TINY)
+    p = run_tok("convert", rel, "-o", tmp_path / "no-family")
+    assert p.returncode == 2 and b"--family" in p.stderr
+    p = run_tok("convert", rel, "--family", "softvq", "-o", tmp_path / "m")
+    assert p.returncode == 0, p.stderr.decode()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["family"] == "softvq" and cfg["model_args"]["num_latent_tokens"] == 8

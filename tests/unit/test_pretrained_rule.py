@@ -115,14 +115,15 @@ def test_local_places_in_order(spec, tmp_path, no_network):
 def test_hub_files_come_from_the_hf_cache_then_hf_hub_download(tmp_path, no_network, monkeypatch, capsys):
     import huggingface_hub
 
-    spec = PretrainedFile(what="a teacher", name="model.safetensors", folder=tmp_path / "unused",
-                          hf=("org/teacher", "model.safetensors"))
+    spec = PretrainedFile(what="a teacher", name="model.safetensors", folder=tmp_path / "hf",
+                          hf=("org/teacher", "model.safetensors"), hf_cache=tmp_path / "hf")
     cached = tmp_path / "hf" / "model.safetensors"
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: None)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f, cache_dir: None)
     msg = str(pytest.raises(MissingWeightsError, pretrained.ensure, spec).value)
-    assert "huggingface.co/org/teacher" in msg and "--download" in msg
+    assert "`hf download org/teacher model.safetensors`" in msg and "--download" in msg and "\n" not in msg
 
-    def fake_hf_download(repo, filename):
+    def fake_hf_download(repo, filename, cache_dir):
+        assert cache_dir == tmp_path / "hf"
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(b"teacher")
         return str(cached)
@@ -130,7 +131,7 @@ def test_hub_files_come_from_the_hf_cache_then_hf_hub_download(tmp_path, no_netw
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_download)
     assert pretrained.ensure(spec, download=True) == cached
     assert f"downloaded {cached} (sha256 {hashlib.sha256(b'teacher').hexdigest()})" in capsys.readouterr().err
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: str(cached))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f, cache_dir: str(cached))
     assert pretrained.ensure(spec) == cached
 
 
@@ -157,3 +158,15 @@ def test_torchvision_backbone_specs_check_their_name_prefix(monkeypatch, tmp_pat
     assert backbone_spec("alex").folder == tmp_path / "hub" / "checkpoints"
     assert weights_spec().folder == tmp_path / "hub" / "checkpoints"
     assert weights_spec().option == "--inception-weights"
+
+
+def test_a_file_in_a_real_hf_cache_layout_is_found_offline(tmp_path, no_network):
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--teacher" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"teacher")
+    (cache / "models--org--teacher" / "refs").mkdir()
+    (cache / "models--org--teacher" / "refs" / "main").write_text("0123abc")
+    spec = PretrainedFile(what="a teacher", name="model.safetensors", folder=cache,
+                          hf=("org/teacher", "model.safetensors"), hf_cache=cache)
+    assert pretrained.ensure(spec) == snap / "model.safetensors" and no_network == []

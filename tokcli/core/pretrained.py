@@ -52,6 +52,7 @@ class PretrainedFile:
     folder: Path                   # $TORCH_HOME/hub/checkpoints
     url: str | None = None
     hf: tuple[str, str] | None = None
+    hf_cache: Path | None = None   # the HF cache folder (None: huggingface_hub's default)
     aliases: tuple[str, ...] = ()  # other names accepted in ``folder`` (torch-fidelity's copy, ...)
     option: str | None = None      # "--inception-weights"
     sha256_prefix: str | None = None  # checked after a download (torchvision names: NAME-<sha256[:8]>.pth)
@@ -72,7 +73,7 @@ def _hf_cached(spec: PretrainedFile) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    hit = try_to_load_from_cache(spec.hf[0], spec.hf[1])
+    hit = try_to_load_from_cache(spec.hf[0], spec.hf[1], cache_dir=spec.hf_cache)
     return Path(hit) if isinstance(hit, (str, os.PathLike)) and Path(hit).is_file() else None
 
 
@@ -93,6 +94,8 @@ def locate(spec: PretrainedFile, explicit: str | os.PathLike | None = None) -> P
 def _where(spec: PretrainedFile, *, named: bool = False) -> str:
     """How to provide the file by hand; ``named``: the message has not yet said which file and folder."""
     alt = f" or pass {spec.option} FILE" if spec.option else ""
+    if spec.hf is not None and spec.url is None:
+        return f"get it with `hf download {spec.hf[0]} {spec.hf[1]}`{alt}"
     there = f"{spec.name} in {spec.folder}" if named else "it there"
     return f"put {there} (from {spec.source()}){alt}"
 
@@ -133,7 +136,7 @@ def _fetch(spec: PretrainedFile) -> Path:
         from huggingface_hub import hf_hub_download
 
         _say(f"downloading {spec.what} {spec.hf[1]} from the Hugging Face repo {spec.hf[0]} into the HF cache")
-        path = Path(hf_hub_download(spec.hf[0], spec.hf[1]))
+        path = Path(hf_hub_download(spec.hf[0], spec.hf[1], cache_dir=spec.hf_cache))
         _say(f"downloaded {path} (sha256 {sha256_of(path)})")
         return path
     dest = spec.path.resolve()

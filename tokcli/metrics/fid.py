@@ -8,6 +8,8 @@ Definitions (what every number written by tok means):
   weights, in 1008 output classes, in the average-pool branches of Mixed_5b-5d, Mixed_6b-6e and Mixed_7b, which
   average only over in-image pixels (TF's pooling ignores the zero padding: ``count_include_pad=False``), and in
   Mixed_7c, whose pool branch is a 3x3 *max* pool (as in the TF graph). The classifier ``fc`` is loaded but unused.
+  The layers are written out here rather than imported from torchvision: importing torchvision also imports
+  ``torch._dynamo`` (through ``torchvision.ops``), 2-7 s of start-up for every ``tok bench rfid`` / ``stats``.
 - **Features.** The 2048-d output of the final global average pool ("pool3"), float32.
 - **Input.** :class:`FIDInception` takes float images in [-1, 1], [N, 3, H, W], any H and W, and resizes them to
   299x299 with ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``: pytorch-fid's resize (no

@@ -14,5 +14,7 @@ FAMILY = register_family(Family(
     model="tokcli.families.softvq.model:SoftVQ",
     entries=REGISTRY,
     converters={"checkpoint": "tokcli.families.softvq.convert:convert_official"},
+    objectives={"reconstruction": "tokcli.families.softvq.objective:SoftVQObjective"},
+    recipe="tokcli.families.softvq.objective:SoftVQLoss",
     description="1-D continuous tokens: ViT encoder + soft vector quantizer + ViT decoder (SoftVQ-VAE)",
 ))
