@@ -119,6 +119,20 @@ def test_n_and_legacy_mode_change_the_number(tiny_model, images):
     assert full["protocol"]["data"]["n_inputs"] == 5 and two["protocol"]["data"]["n_inputs"] == 2
 
 
+@pytest.fixture
+def one_blas_thread():
+    """One BLAS thread for the 2048x2048 sqrtm, as conftest gives torch one: on a busy 2-core machine two
+    OpenBLAS threads make it about twice as slow (measured 47 s vs 24 s), not faster."""
+    try:
+        import scipy.linalg  # noqa: F401  (load the BLAS before limiting it)
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
 class DistanceSpy:
     """Stands in for rfid.frechet_distance: records the statistics it is given and computes the real distance
     (a 2048x2048 sqrtm, ~20 s on one core) for the first call only. Later calls must receive the same statistics
@@ -140,7 +154,8 @@ class DistanceSpy:
 
 
 @pytest.mark.slow  # one 2048x2048 sqrtm (Frechet distance), ~20 s on one core
-def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_home, monkeypatch, tmp_path):
+def test_rfid_equals_distance_of_independent_features(tiny_model, images, torch_home, monkeypatch, tmp_path,
+                                                      one_blas_thread):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     import torch
 
