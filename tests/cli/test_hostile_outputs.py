@@ -438,3 +438,23 @@ def test_sample_posterior_refused_by_a_family_without_one(tiny_model, images, tm
     for cmd in ("encode", "reconstruct"):
         p = run_tok(cmd, images, "-m", tiny_model, "-o", tmp_path / "o.npz", "--sample-posterior")
         assert p.returncode == 2 and "has no posterior sampling" in _one_line_error(p)
+
+
+def test_model_folders_and_checkpoints_use_pid_named_temporaries(tmp_path):
+    """Model folders (save_folder) and training checkpoints are staged like every other output: a stale temporary
+    of a dead process beside them is swept, and the finished folder has ordinary permissions."""
+    import os
+    import stat
+
+    from conftest import TINY_ARGS, make_model_folder
+
+    stale = tmp_path / ".m.tmp-999999999-abc"
+    stale.mkdir()
+    old = os.umask(0o022)
+    try:
+        make_model_folder(tmp_path / "m", TINY_ARGS)
+    finally:
+        os.umask(old)
+    assert not stale.exists()
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "m" / "config.json").stat().st_mode) == 0o644

@@ -23,12 +23,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from tokcli.core.atomic import atomic_write_text, check_overwrite
+from tokcli.core.atomic import atomic_write_text, check_overwrite, remove_stale_temps, temp_dir
 from tokcli.errors import TokError
 from tokcli.version import __version__
 
@@ -256,7 +255,8 @@ def save_model_folder(dest: str | os.PathLike, *, family: str, model_args: Mappi
         raise ValueError(f"folder keys {clash} are written by save_model_folder itself")
     dest = check_overwrite(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale_temps(dest.parent)
+    tmp = temp_dir(dest.parent, dest.name)
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"tok_format": str(TOK_FORMAT), "family": family})
@@ -280,7 +280,7 @@ def save_model_folder(dest: str | os.PathLike, *, family: str, model_args: Mappi
 def _replace_folder(tmp: Path, dest: Path) -> None:
     """Move the finished folder ``tmp`` to ``dest``, replacing an existing one with two renames."""
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = temp_dir(dest.parent, dest.name + ".old")
         os.replace(dest, old / "x")
         os.replace(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)

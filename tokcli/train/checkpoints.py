@@ -17,14 +17,13 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tokcli.core.atomic import atomic_write_text
+from tokcli.core.atomic import atomic_write_text, remove_stale_temps, temp_dir
 from tokcli.core.distributed import gather_objects
 from tokcli.errors import TokError, TokUsageError
 from tokcli.train.recipe import Recipe
@@ -109,7 +108,8 @@ def save_checkpoint(run_dir: Path, st) -> Path:
     final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{st.step:07d}"
     if st.rank == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        remove_stale_temps(final.parent)
+        tmp = temp_dir(final.parent, final.name)
         try:
             for name, net in obj.networks.items():
                 save_file(_cpu(net.state_dict()), str(tmp / f"{name}.safetensors"))
