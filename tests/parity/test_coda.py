@@ -68,7 +68,7 @@ def test_cli_round_trip_and_token_file(converted, coda_expected, tmp_path):
         assert np.array_equal(a, b)
     # another image size cannot be tokenized by this model: a usage error, one clear line
     p = run_tok("encode", imgs, "-m", converted, "-o", tmp_path / "c2.npz", "--image-size", "32")
-    assert p.returncode == 2 and b"multiple of 64" in p.stderr and b"Traceback" not in p.stderr
+    assert p.returncode == 2 and b"takes only 64x64" in p.stderr and b"Traceback" not in p.stderr
 
 
 def test_convert_refuses_raw_files_and_missing_siblings(tmp_path):
