@@ -162,7 +162,7 @@ def test_cli_round_trip_is_bit_exact(converted, expected, tmp_path):
         assert np.array_equal(a, b)
     # a 1-D tokenizer works at its trained size only: a usage error, one line
     p = run_tok("encode", imgs, "-m", converted, "-o", tmp_path / "c2.npz", "--image-size", "32")
-    assert p.returncode == 2 and b"multiple of 64" in p.stderr and b"Traceback" not in p.stderr
+    assert p.returncode == 2 and b"takes only 64x64" in p.stderr and b"Traceback" not in p.stderr
 
 
 def _release_copy(tmp_path, name="rel"):

@@ -124,8 +124,7 @@ def test_kl_convert_from_diffusers_folder(tmp_path):
     block, scale, shift = vae_block_from_diffusers_config(json.loads((tmp_path / "vae" / "config.json").read_text()))
     assert (scale, shift) == (0.5, 0.1)
     assert diffusers_vae_kwargs(block, scale, shift) == kw  # the config round-trips
-    folder = convert(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"), output=str(tmp_path / "m"),
-                     family="kl", config="unused")
+    folder = convert(str(tmp_path / "vae"), output=str(tmp_path / "m"), family="kl")  # a diffusers vae/ folder
     model = tokcli.load(f"local-dir:{folder.path}")
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
