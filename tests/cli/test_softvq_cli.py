@@ -51,7 +51,7 @@ def test_registry_lists_the_eight_releases():
     rows = rows if isinstance(rows, list) else rows.get("models", rows)
     names = {r["name"] for r in rows}
     assert names == {f"softvq-{s}-{n}" for s in ("b", "bl", "l") for n in (32, 64)} | {
-        "softvq-bl-64-512", "softvq-l-32-512", "softvq-tiny"}  # the eight releases + the shipped demo
+        "softvq-bl-64-512", "softvq-l-32-512"}  # the eight releases
 
 
 def test_convert_name_offline_names_the_files_and_the_command(tmp_path):

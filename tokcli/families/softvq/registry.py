@@ -39,13 +39,6 @@ def _entry(name: str, size: str, tokens: int, res: int, rfid: float, gfid: float
 
 _BL = "ViT-B encoder, ViT-L decoder per its config.json, despite the name"
 REGISTRY = [
-    ModelEntry(
-        name="softvq-tiny", family="softvq", shipped=True, license="other",
-        description="demo SoftVQ-VAE (64 px, 16 continuous tokens of 16 floats, depth-1 ViT-S blocks) trained by "
-                    "tok on CPU on 32 openly licensed photos",
-        notes="see tokcli/weights/softvq-tiny/README.md for data, training and measured quality; licence: other "
-              "(trained on CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos, listed in the card)",
-    ),
     _entry("softvq-b-64", "b", 64, 256, 0.88, 1.78),
     _entry("softvq-b-32", "b", 32, 256, 0.89, 2.51),
     _entry("softvq-bl-64", "bl", 64, 256, 0.65, 1.88),
