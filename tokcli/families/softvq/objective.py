@@ -74,12 +74,12 @@ class TokTeacher(nn.Module):
 
     def __init__(self, name: str, image_size: int, device):
         super().__init__()
-        import tokcli
+        from tokcli.core.model import TokModel
         from tokcli.core.registry import resolve
 
         folder = resolve(name)
         self.source = str(folder.path)
-        self.model = tokcli.load(str(folder.path), device=str(device))
+        self.model = TokModel.from_folder(folder, device=str(device))
         with torch.no_grad():
             self.width = int(self(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-1])
 
