@@ -109,3 +109,20 @@ def run_tok(*args, input: bytes | None = None, env: dict | None = None, cwd: Pat
     forced = os.environ.get("TOK_TEST_SUBPROCESS", "") not in ("", "0")  # compare a failing test with the old way
     run = run_subprocess if subprocess or forced else run_inprocess
     return run(args, input=input, env=env, cwd=cwd or REPO)
+
+
+def assert_decode_equals_reconstruct(codes: Path, imgs: Path, model, out: Path, n: int) -> None:
+    """`tok decode` of `codes` and `tok reconstruct` of `imgs` (named im0.png ...) give identical PNGs, and the model
+    (a 1-D tokenizer trained at 64 px) refuses another --image-size with one clear usage error."""
+    from PIL import Image
+
+    p = run_tok("decode", codes, "-o", out / "dec")
+    assert p.returncode == 0, p.stderr.decode()
+    p = run_tok("reconstruct", imgs, "-m", model, "-o", out / "rec")
+    assert p.returncode == 0, p.stderr.decode()
+    for i in range(n):
+        a = np.asarray(Image.open(out / "dec" / f"im{i}.png"))
+        b = np.asarray(Image.open(out / "rec" / f"im{i}.png"))
+        assert np.array_equal(a, b)
+    p = run_tok("encode", imgs, "-m", model, "-o", out / "c2.npz", "--image-size", "32")
+    assert p.returncode == 2 and b"takes only 64x64" in p.stderr and b"Traceback" not in p.stderr

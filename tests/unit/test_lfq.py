@@ -260,7 +260,7 @@ def test_codebook_entropy_uses_the_global_batch_under_ddp(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, z, str(tmp_path)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in res:
         assert r["codebook"].item() == pytest.approx(want.item(), rel=1e-5)
     # each rank's gradient is world x its share (all-reduced backward); DDP then averages over the ranks

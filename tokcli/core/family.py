@@ -3,7 +3,7 @@
 Everything that varies between families is named here as plain data or as ``"module:attribute"`` strings that are
 imported on first use, so that reading the registry (`tok models`) imports no torch and a family's package can be
 removed without touching any other file. ``core`` never imports a family: families push themselves in
-(:func:`tokcli.core.registry.register_family`), discovered by :func:`tokcli.families.load_all`.
+(:func:`tokcli.core.registry.register_family`) when the discovery hook that the package top installs imports them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Family:
     entries:     registry entries (plain data).
     converters:  ``kind -> "module:function"``; ``"checkpoint"`` is what ``tok convert`` calls with
                  ``(source, config, dest, *, name, model_args, provenance, overwrite, files=...)``.
-    objectives:  ``name -> "module:Class"`` training objectives (:class:`tokcli.train.objective.Objective`); the
+    objectives:  ``name -> "module:Class"`` training objectives (the trainer's Objective protocol); the
                  first is the default, a recipe picks another with ``model.objective``.
     recipe:      ``"module:Class"`` of the family's ``[loss]`` recipe section (a dataclass extending the shared one),
                  or None for the shared section alone.
