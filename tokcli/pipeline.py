@@ -120,9 +120,32 @@ def check_sampler(model, sampler: Mapping[str, Any] | None) -> dict[str, Any]:
     return sampler
 
 
-def token_header(model, ref: str, size: int, precision: str = "fp32", posterior_seed: int | None = None
-                 ) -> dict[str, Any]:
-    """The token file header; ``posterior_seed`` (a sampled encode) is recorded in ``tokens.extra``."""
+LATENT_DTYPES = ("float32", "float16")
+
+
+def check_latent_dtype(model, latent_dtype: str | None) -> str | None:
+    """The storage dtype of latent tokens ("float32" when None), refused up front for a model whose tokens are
+    not latents (:class:`TokUsageError`); None for such a model when nothing was asked."""
+    if model.spec.kind != "latents":
+        if latent_dtype is not None:
+            raise TokUsageError(f"--latent-dtype applies to latent tokens; {model.name} writes {model.spec.kind}")
+        return None
+    latent_dtype = latent_dtype or "float32"
+    if latent_dtype not in LATENT_DTYPES:
+        raise TokUsageError(f"--latent-dtype must be one of {', '.join(LATENT_DTYPES)}, got {latent_dtype!r}")
+    return latent_dtype
+
+
+def stored_tokens(tok, latent_dtype: str | None) -> np.ndarray:
+    """The tokens as the token file stores them (latents rounded to ``latent_dtype``)."""
+    arr = tok.cpu().numpy()
+    return arr.astype(latent_dtype, copy=False) if latent_dtype else arr
+
+
+def token_header(model, ref: str, size: int, precision: str = "fp32", posterior_seed: int | None = None,
+                 latent_dtype: str | None = None) -> dict[str, Any]:
+    """The token file header; ``posterior_seed`` (a sampled encode) is recorded in ``tokens.extra``,
+    ``latent_dtype`` (latent tokens) as ``latent_dtype``."""
     spec = model.spec.to_dict()
     spec["shape"] = list(model.spec.shape_for(size, size))
     if posterior_seed is not None:
@@ -136,6 +159,7 @@ def token_header(model, ref: str, size: int, precision: str = "fp32", posterior_
         "tokens": spec,
         "preprocess": pre,
         "precision": precision,
+        **({"latent_dtype": latent_dtype} if latent_dtype else {}),
         "tok_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -216,25 +240,27 @@ def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet,
 
 def encode(model, items, *, ref: str, output: str | Path, image_size: int | None = None, batch_size: int = 8,
            workers: int = 0, skip_errors: bool = False, quiet: bool = False, precision: str | None = None,
-           sample_posterior: bool = False, seed: int = 0) -> Result:
+           sample_posterior: bool = False, seed: int = 0, latent_dtype: str | None = None) -> Result:
     """Encode images to a token file written atomically at ``output`` (``-`` = stdout). ``sample_posterior``:
-    a posterior sample instead of the mean, image i seeded with ``seed + i`` (families that have a posterior)."""
+    a posterior sample instead of the mean, image i seeded with ``seed + i`` (families that have a posterior).
+    ``latent_dtype``: "float16" stores latent tokens at half the bytes (rounded; default "float32")."""
     from tokcli.core.tokens import write_token_file
 
     size = image_size_for(model, image_size)
     posterior = _Posterior(check_posterior(model, sample_posterior), int(seed))
+    latent_dtype = check_latent_dtype(model, latent_dtype)
     check_output_file(output)
     precision = apply_precision(model, precision)
     res = Result(image_size=size)
     chunks = []
     for keys, _, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res, posterior):
         res.keys.extend(keys)
-        chunks.append(tok.cpu().numpy())
+        chunks.append(stored_tokens(tok, latent_dtype))
     if not res.keys:
         raise TokError("no image could be encoded" + (f" ({len(res.errors)} failed)" if res.errors else ""))
     res.tokens = np.concatenate(chunks)
     kind = model.spec.kind
-    header = token_header(model, ref, size, precision, posterior.seed if posterior.sample else None)
+    header = token_header(model, ref, size, precision, posterior.seed if posterior.sample else None, latent_dtype)
     write_token_file(output, header=header, keys=res.keys, **{kind: res.tokens})
     return res
 
@@ -339,7 +365,8 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
 def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = None, batch_size: int = 8,
                 workers: int = 0, seed: int = 0, skip_errors: bool = False, quiet: bool = False,
                 on_batch=None, positions: dict[str, int] | None = None, precision: str | None = None,
-                sampler: Mapping[str, Any] | None = None, sample_posterior: bool = False) -> Result:
+                sampler: Mapping[str, Any] | None = None, sample_posterior: bool = False,
+                latent_dtype: str | None = None) -> Result:
     """encode -> decode through exactly the code path of `tok encode` + `tok decode` (bit-identical results).
 
     ``on_batch(keys, originals, recon, tokens)`` is called for every batch with the uint8 originals after the crop
@@ -348,11 +375,13 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
     are moved into ``out_dir`` when the run succeeded (a failed run leaves the previous PNGs as they were).
     ``positions`` (key -> index in the whole input list) seeds stochastic decoders by global position, so a shard
     of a distributed run draws the same noise as a single process (when no input fails). ``precision``,
-    ``sampler`` and ``sample_posterior`` (seeded like the decoder) as in :func:`encode` / :func:`decode`.
+    ``sampler``, ``sample_posterior`` (seeded like the decoder) and ``latent_dtype`` (the tokens are rounded as a
+    token file would store them) as in :func:`encode` / :func:`decode`.
     """
     size = image_size_for(model, image_size)
     sampler = check_sampler(model, sampler)
     posterior = _Posterior(check_posterior(model, sample_posterior), int(seed))
+    latent_dtype = check_latent_dtype(model, latent_dtype)
     apply_precision(model, precision)
     res = Result(image_size=size)
     stage = None
@@ -366,12 +395,13 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
                                                posterior, positions):
             start = len(res.keys)
             res.keys.extend(keys)
-            recon = _decode_batch(model, tok.cpu().numpy(), start, seed,
+            stored = stored_tokens(tok, latent_dtype)
+            recon = _decode_batch(model, stored, start, seed,
                                   [positions[k] for k in keys] if positions is not None else None, sampler)
             if stage is not None:
                 _write_pngs(stage, keys, recon, res)
             if on_batch is not None:
-                on_batch(keys, imgs, recon, tok.cpu().numpy())
+                on_batch(keys, imgs, recon, stored)
         if not res.keys:
             raise TokError("no image could be reconstructed" + (f" ({len(res.errors)} failed)" if res.errors else ""))
         if stage is not None:

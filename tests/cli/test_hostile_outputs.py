@@ -457,4 +457,5 @@ def test_model_folders_and_checkpoints_use_pid_named_temporaries(tmp_path):
         os.umask(old)
     assert not stale.exists()
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
-    assert stat.S_IMODE((tmp_path / "m" / "config.json").stat().st_mode) == 0o644
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name

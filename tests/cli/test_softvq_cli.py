@@ -34,7 +34,7 @@ def _official_release(dest, args: dict, seed: int = 0):
     state = {k.replace("decoder.to_pixel.", "decoder.to_pixel.model."): v.contiguous()
              for k, v in m.state_dict().items()}
     state["quantize.codebook_used"] = torch.zeros(args.get("num_codebooks", 4), 65536)
-    tok_only = ("encoder_depth", "decoder_depth", "normalize_latents", "entropy_temperature")
+    tok_only = ("encoder_depth", "decoder_depth", "normalize_latents", "entropy_temperature", "layer_scale_init")
     cfg = {k: v for k, v in m.model_args.items() if k not in tok_only}
     cfg.update(enc_type="vit", dec_type="vit", enc_pretrained=True, repa=False, z_channels=256,
                entropy_loss_ratio=0.0)
@@ -164,3 +164,71 @@ def test_convert_a_release_folder_through_the_cli(tmp_path):
     assert p.returncode == 0, p.stderr.decode()
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["family"] == "softvq" and cfg["model_args"]["num_latent_tokens"] == 8
+
+
+def test_float16_latents_halve_the_payload_and_decode_like_reconstruct(folders, tmp_path):
+    """--latent-dtype float16: recorded in the header, half the payload bytes, latents = float32 ones rounded, and
+    decode(file) == reconstruct --latent-dtype float16 bit for bit (reconstruct rounds the same way)."""
+    from PIL import Image
+
+    model, files, imgs = folders
+    half = tmp_path / "half.npz"
+    p = run_tok("encode", imgs, "-m", model, "-o", half, "--latent-dtype", "float16", "--device", "cpu")
+    assert p.returncode == 0, p.stderr.decode()
+    with np.load(half, allow_pickle=False) as z, np.load(files["own"], allow_pickle=False) as full:
+        header = json.loads(str(z["header"][()]))
+        assert header["latent_dtype"] == "float16" and z["latents"].dtype == np.float16
+        assert z["latents"].nbytes * 2 == full["latents"].nbytes
+        np.testing.assert_array_equal(z["latents"], full["latents"].astype(np.float16))
+        assert np.abs(z["latents"].astype(np.float32) - full["latents"]).max() > 0  # it did round
+    assert run_tok("decode", half, "-o", tmp_path / "dec").returncode == 0
+    p = run_tok("reconstruct", imgs, "-m", model, "-o", tmp_path / "rec", "--latent-dtype", "float16",
+                "--device", "cpu")
+    assert p.returncode == 0, p.stderr.decode()
+    for png in sorted((tmp_path / "rec").rglob("*.png")):
+        other = tmp_path / "dec" / png.relative_to(tmp_path / "rec")
+        np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(other)))
+
+
+def test_latent_dtype_is_refused_where_it_does_not_apply(folders, tiny_model, tmp_path):
+    model, _, imgs = folders
+    err = _one_line_error(run_tok("encode", imgs, "-m", tiny_model, "-o", tmp_path / "w.npz",
+                                  "--latent-dtype", "float16"), code=2)
+    assert "applies to latent tokens" in err and not (tmp_path / "w.npz").exists()
+    err = _one_line_error(run_tok("encode", imgs, "-m", model, "-o", tmp_path / "b.npz",
+                                  "--latent-dtype", "bfloat16"), code=2)
+    assert "float32, float16" in err
+
+
+def test_a_header_that_lies_about_the_latent_dtype_is_refused(folders, tmp_path):
+    from tokcli.core.tokens import read_token_file, write_token_file
+
+    _, files, _ = folders
+    tf = read_token_file(files["own"])
+    bad = tmp_path / "bad.npz"
+    write_token_file(bad, header={**tf.header, "latent_dtype": "float16"}, keys=list(tf.keys), latents=tf.array)
+    err = _one_line_error(run_tok("info", bad))
+    assert "stored as float32 but the header says float16" in err
+
+
+def test_bench_usage_counts_the_argmax_ids(folders):
+    """SoftVQ tokens are soft latents; `tok bench usage` counts their per-token argmax ids, per codebook."""
+    import torch
+
+    import tokcli
+    from tokcli.core.images import collect_inputs, iter_batches, to_tensor
+    from tokcli.metrics.usage import codebook_usage
+
+    model, _, imgs = folders
+    p = run_tok("bench", "usage", imgs, "-m", model, "--json", "--device", "cpu")
+    assert p.returncode == 0, p.stderr.decode()
+    usage = json.loads(p.stdout)["metrics"]["usage"]
+    tok = tokcli.load(str(model), device="cpu")
+    items = collect_inputs([str(imgs)])
+    _, batch = next(iter(iter_batches(items, tok.image_size, 8)))
+    with torch.no_grad():
+        ids = tok.encode_ids(to_tensor(batch)).numpy()  # [B, L]; token t uses codebook t // (L / G)
+    want = codebook_usage(ids.reshape(len(ids), 2, -1).transpose(0, 2, 1), TINY["codebook_size"], group_axis=-1)
+    assert usage["tokens"] == want["tokens"] == len(ids) * TINY["num_latent_tokens"]
+    assert usage["used"] == want["used"] and [g["used"] for g in usage["groups"]] == [g["used"] for g in want["groups"]]
+    assert "argmax" in usage["counted"]

@@ -116,6 +116,21 @@ def test_vit_names_and_fused_attention():
     assert float(v.blocks[0].ls1.gamma.detach().max()) == pytest.approx(1e-5)
 
 
+def test_tok_tiny_width_and_layer_scale_init():
+    """tok_vit_tiny: the DINOv2 block at width 192 / 3 heads for CPU demos; it has no DINOv2 weights to load.
+    layer_scale_init sets only the initial LayerScale (a loaded checkpoint overwrites it)."""
+    from tokcli.families.softvq.model import SoftVQ
+    from tokcli.nn.vit import dinov2_repo
+
+    m = SoftVQ(encoder_model="tok_vit_tiny", decoder_model="tok_vit_tiny", encoder_depth=1, decoder_depth=1,
+               image_size=32, num_latent_tokens=4, codebook_embed_dim=4, codebook_size=8, num_codebooks=2,
+               layer_scale_init=0.1)
+    assert m.encoder.width == m.decoder.width == 192 and m.encoder.model.blocks[0].attn.num_heads == 3
+    assert torch.all(m.decoder.model.blocks[0].ls2.gamma == 0.1)
+    with pytest.raises(TokError, match="tok_vit_tiny is tok.s own ViT width: no DINOv2 weights"):
+        dinov2_repo("tok_vit_tiny")
+
+
 def test_dinov2_init_reads_the_local_cache_only(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
@@ -124,8 +139,14 @@ def test_dinov2_init_reads_the_local_cache_only(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     vit = build_vit("vit_small_patch14_dinov2", depth=1, image_size=32, patch_size=16)
+    monkeypatch.delenv("TOK_DOWNLOAD", raising=False)
     with pytest.raises(MissingWeightsError, match="hf download timm/vit_small_patch14_dinov2.lvd142m"):
         load_dinov2(vit, "vit_small_patch14_dinov2.lvd142m")
+    monkeypatch.setenv("TOK_DOWNLOAD", "1")  # asked for, but HF_HUB_OFFLINE forbids it: still one line, no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match="HF_HUB_OFFLINE is set, so it is not downloaded"):
+        load_dinov2(vit, "vit_small_patch14_dinov2.lvd142m")
+    monkeypatch.delenv("TOK_DOWNLOAD")
     torch.manual_seed(0)  # a stand-in for timm's DINOv2 file: patch 14 at 56 px
     src = VisionTransformer(img_size=56, patch_size=14, num_classes=0, embed_dim=384, depth=1, num_heads=6,
                             init_values=1e-5)

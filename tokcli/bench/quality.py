@@ -52,6 +52,7 @@ class Options:
     grid: int
     inputs: Any
     download: bool = False
+    latent_dtype: str | None = None
 
 
 def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage", "bpp"), n: int | None = None,
@@ -59,7 +60,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
              seed: int = 0, precision: str = "fp32", skip_errors: bool = False, quiet: bool = False,
              save_recon: str | None = None, psnr_mode: str = "tok", ssim_mode: str = "tok", lpips_net: str = "alex",
              lpips_weights: str | None = None, inception_weights: str | None = None, ref_stats: str | None = None,
-             strict: bool = True, grid: int = 8, inputs=None, download: bool = False):
+             strict: bool = True, grid: int = 8, inputs=None, download: bool = False, latent_dtype: str | None = None):
     """Reconstruct ``items`` with ``model`` and score them. Returns (result dict, per-input errors, grid arrays or
     None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing;
     ``download`` fetches a missing pretrained file (tokcli/core/pretrained.py: never without it or TOK_DOWNLOAD=1).
@@ -76,7 +77,8 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
                        workers=workers, seed=seed, precision=precision, skip_errors=skip_errors,
                        quiet=quiet or rank != 0, save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode,
                        lpips_net=lpips_net, lpips_weights=lpips_weights, inception_weights=inception_weights,
-                       ref_stats=ref_stats, strict=strict, grid=grid, inputs=inputs, download=download)
+                       ref_stats=ref_stats, strict=strict, grid=grid, inputs=inputs, download=download,
+                       latent_dtype=latent_dtype)
         return _evaluate(items, opts, dev=dev, rank=rank, world=world)
 
 
@@ -90,7 +92,7 @@ def _evaluate(items, opts: Options, *, dev, rank: int, world: int):
     scorers, skipped = _load_scorers(opts, dev=dev, primary=rank == 0)
     tok = tokcli.load(opts.model, device=str(dev))
     size = pipeline.image_size_for(tok, opts.image_size)
-    metrics = _build_metrics(opts, scorers, tok.spec, size)
+    metrics = _build_metrics(opts, scorers, tok, size)
     keys, pics = _Keys(), _Grid(opts.grid)
     t0 = time.perf_counter()
     errors = _stream(tok, items, [keys, pics, *metrics], opts, size=size, rank=rank, world=world)
@@ -145,11 +147,12 @@ def _load_scorers(opts: Options, *, dev, primary: bool) -> tuple[dict[str, Metri
     return loaded, skipped
 
 
-def _build_metrics(opts: Options, scorers: dict[str, Metric], spec, size: int) -> list[Metric]:
+def _build_metrics(opts: Options, scorers: dict[str, Metric], tok, size: int) -> list[Metric]:
     """The metric objects, in the order of METRICS (the order of the result's records)."""
     from tokcli.metrics.pixel import PSNR, SSIM
     from tokcli.metrics.usage import Bpp, Usage
 
+    spec = tok.spec
     legacy = opts.psnr_mode != "tok" or opts.ssim_mode != "tok"  # both then score the float decoder output
     out: list[Metric] = []
     for name in METRICS:
@@ -163,11 +166,28 @@ def _build_metrics(opts: Options, scorers: dict[str, Metric], spec, size: int) -
             out.append(scorers[name])
         elif name == "usage" and spec.kind == "indices":
             out.append(Usage(spec))
+        elif name == "usage" and tok.id_spec is not None:
+            out.append(_id_usage(tok))
         elif name == "bpp":
             out.append(Bpp(spec, size))
     if "rfid" in scorers:
         scorers["rfid"].check_reference(size)
     return out
+
+
+def _id_usage(tok) -> Metric:
+    """Usage of a continuous model's discrete codes (``tok.usage_ids`` of the cropped originals: one more encoder
+    pass per batch, only when usage is asked for)."""
+    import torch
+
+    from tokcli.core.images import to_tensor
+    from tokcli.metrics.usage import DerivedUsage
+
+    def codes(batch):
+        with torch.inference_mode():
+            return tok.usage_ids(to_tensor(batch.orig).to(tok.device)).cpu().numpy()
+
+    return DerivedUsage(tok.id_spec, codes, f"{tok.family} {tok.id_spec.layout}")
 
 
 def _stream(tok, items: list, collectors: list[Metric], opts: Options, *, size: int, rank: int, world: int) -> list:
@@ -191,7 +211,8 @@ def _stream(tok, items: list, collectors: list[Metric], opts: Options, *, size: 
             errors = pipeline.reconstruct(tok, shard, opts.save_recon, image_size=size, batch_size=opts.batch_size,
                                           workers=opts.workers, seed=opts.seed, skip_errors=opts.skip_errors,
                                           quiet=opts.quiet, on_batch=on_batch,
-                                          positions=positions if world > 1 else None).errors
+                                          positions=positions if world > 1 else None,
+                                          latent_dtype=opts.latent_dtype).errors
     except TokError as e:
         if world == 1:
             raise
@@ -216,6 +237,8 @@ def _assemble(tok, items: list, opts: Options, metrics: list[Metric], keys: "_Ke
     """The result record: model, protocol (every choice), metrics, skipped metrics, per-image values."""
     import torch
 
+    from tokcli import pipeline
+
     out: dict[str, Any] = {}
     per_image: dict[str, list] = {"key": keys.values}
     for m in metrics:
@@ -230,6 +253,7 @@ def _assemble(tok, items: list, opts: Options, metrics: list[Metric], keys: "_Ke
         "n_images": len(keys.values), "n_failed": n_failed, "image_size": size, "crop": CROP, "uint8": UINT8,
         "psnr": None, "ssim": None, "lpips": None, "rfid": None,  # filled in by the metrics measured
         "seed": opts.seed, "precision": opts.precision, "device": str(dev),
+        **({"latent_dtype": pipeline.check_latent_dtype(tok, opts.latent_dtype)} if tok.spec.kind == "latents" else {}),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "batch_size": opts.batch_size, "world_size": world, "torch": torch.__version__, "tok_version": __version__,
         "seconds": round(seconds, 3),

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli.common import (BatchOpt, CfgOpt, DeviceOpt, ModelOpt, PosteriorOpt, PrecisionOpt, QuietOpt,
+from tokcli.cli.common import (BatchOpt, CfgOpt, DeviceOpt, LatentDtypeOpt, ModelOpt, PosteriorOpt, PrecisionOpt, QuietOpt,
                                SamplerOpt, SeedOpt, SizeOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err,
                                report_failures, sampler_options)
 
@@ -50,6 +50,7 @@ def encode_cmd(
     sample_posterior: PosteriorOpt = False,
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
+    latent_dtype: LatentDtypeOpt = None,
     quiet: QuietOpt = False,
 ):
     """Encode images (ADM centre crop to the model size) into one self-describing token file."""
@@ -61,7 +62,8 @@ def encode_cmd(
         tok = _load(model, device, precision)
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
                               batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet,
-                              precision=precision, sample_posterior=sample_posterior, seed=seed)
+                              precision=precision, sample_posterior=sample_posterior, seed=seed,
+                              latent_dtype=latent_dtype)
         _warn_upscaled(res)
         if output != "-":
             err(f"encoded {len(res.keys)} image(s) with {tok.name} -> {output}")
@@ -112,6 +114,7 @@ def reconstruct_cmd(
     skip_errors: SkipOpt = False,
     sample_posterior: PosteriorOpt = False,
     precision: PrecisionOpt = "fp32",
+    latent_dtype: LatentDtypeOpt = None,
     quiet: QuietOpt = False,
 ):
     """Encode then decode images (same code path as encode + decode), writing PNGs that mirror the input tree."""
@@ -124,7 +127,8 @@ def reconstruct_cmd(
         tok = _load(model, device, precision)
         res = pipeline.reconstruct(tok, items, output, image_size=image_size, batch_size=batch_size,
                                    workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet,
-                                   precision=precision, sampler=options, sample_posterior=sample_posterior)
+                                   precision=precision, sampler=options, sample_posterior=sample_posterior,
+                                   latent_dtype=latent_dtype)
         _warn_upscaled(res)
         err(f"reconstructed {len(res.written)} image(s) with {tok.name} -> {output}")
         report_failures(res.errors)

@@ -31,6 +31,8 @@ SkipOpt = Annotated[bool, typer.Option("--skip-errors", help="process the good i
                                                               "(the exit code is still 1)")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", "--dtype", help="fp32 (exact, reproducible tokens) or tf32 (CUDA "
                                                                 "tensor cores: much faster, ~0.5% of tokens differ)")]
+LatentDtypeOpt = Annotated[Optional[str], typer.Option("--latent-dtype", help="storage of latent tokens: float32 "
+                                                       "(default, exact) or float16 (half the bytes, rounded)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="sampling steps of a generative decoder "
                                                                          "[default: the model's]")]

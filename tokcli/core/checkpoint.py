@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from tokcli.core.atomic import atomic_write_text, check_overwrite, remove_stale_temps, temp_dir
+from tokcli.core.atomic import atomic_write_text, check_overwrite, current_umask, remove_stale_temps, temp_dir
 from tokcli.errors import TokError
 from tokcli.version import __version__
 
@@ -260,6 +260,7 @@ def save_model_folder(dest: str | os.PathLike, *, family: str, model_args: Mappi
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"tok_format": str(TOK_FORMAT), "family": family})
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~current_umask())  # safetensors writes 0600; a folder is for sharing
         prov = dict(provenance or {})
         prov["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         prov.setdefault("tok_version", __version__)

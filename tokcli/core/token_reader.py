@@ -169,6 +169,9 @@ def _check_against_header(plan: dict[str, _Member], header: dict, name: str) -> 
           "latents": m.dtype.kind == "f" and m.dtype.itemsize <= 8}[kind]
     if not ok:
         raise TokError(f"{name}: {kind} have dtype {m.dtype}, which a token file does not use")
+    stored = header.get("latent_dtype")
+    if kind == "latents" and stored is not None and str(stored) != str(m.dtype):
+        raise TokError(f"{name}: latents are stored as {m.dtype} but the header says {stored}")
 
 
 def _read_member(z: zipfile.ZipFile, m: _Member, name: str) -> np.ndarray:

@@ -104,6 +104,14 @@ class Tokenizer(TokModel):
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: the spec of :meth:`usage_ids` for a continuous model that also has discrete codes (SoftVQ's argmax ids);
+    #: None when the tokens are the codes or there are none. ``tok bench usage`` counts these.
+    id_spec: TokenSpec | None = None
+
+    def usage_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the discrete codes described by :attr:`id_spec` (families that set it)."""
+        raise NotImplementedError(f"{self.family} models have no discrete codes besides their tokens")
+
     # --- checks shared by the families ---------------------------------------------------------------
     def check_images(self, x: torch.Tensor) -> torch.Tensor:
         """Refuse anything but images [B, 3, H, W] whose sides are multiples of ``multiple_of``; returns ``x`` on the

@@ -179,6 +179,25 @@ class Usage(Metric):
         return {"usage": {**self.codes.result(), "joint": self.joint.result() if self.joint is not None else None}}
 
 
+class DerivedUsage(Usage):
+    """:class:`Usage` of codes computed from each batch by ``codes(batch) -> array`` laid out as ``spec`` says: a
+    continuous model's discrete side (SoftVQ's argmax ids, whose tokens are soft latents). ``counted`` says what."""
+
+    def __init__(self, spec, codes, counted: str) -> None:
+        super().__init__(spec)
+        self.codes_of, self.counted = codes, counted
+
+    def update(self, batch: Batch) -> None:
+        from dataclasses import replace
+
+        super().update(replace(batch, tokens=np.asarray(self.codes_of(batch))))
+
+    def result(self) -> dict:
+        out = super().result()
+        out["usage"]["counted"] = self.counted
+        return out
+
+
 class Bpp(Metric):
     """Bits per pixel of the tokens (``token_bits_per_image``; latents at 16 bits) at the evaluation ``size``, as the
     token file stores them (indices: the smallest unsigned dtype for the codebook), and the compression ratio

@@ -20,11 +20,12 @@ from the local Hugging Face cache and names the missing file otherwise.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from tokcli.errors import MissingWeightsError, TokError
+from tokcli.errors import TokError
 
 # timm DINOv2 architecture name -> (width, heads, depth of the released model)
 DINOV2_ARCHS = {
@@ -32,22 +33,27 @@ DINOV2_ARCHS = {
     "vit_base_patch14_dinov2": (768, 12, 12),
     "vit_large_patch14_dinov2": (1024, 16, 24),
 }
+# tok's own DINOv2-style block at the ViT-Ti width, for CPU demo models: no released weights exist for it
+TOK_ARCHS = {"tok_vit_tiny": (192, 3, 12)}
 LAYER_SCALE_INIT = 1e-5  # timm's DINOv2 init_values
 
 
 def vit_arch(name: str) -> tuple[int, int, int]:
     """(width, heads, default depth) of a timm DINOv2 name, with or without its pretrained tag (``.lvd142m``)."""
     base = str(name).split(".", 1)[0]
-    if base not in DINOV2_ARCHS:
+    arch = DINOV2_ARCHS.get(base) or TOK_ARCHS.get(base)
+    if arch is None:
         raise TokError(f"unsupported ViT {name!r}: the SoftVQ blocks are the DINOv2 architectures "
-                       f"{', '.join(k + '.lvd142m' for k in DINOV2_ARCHS)}")
-    return DINOV2_ARCHS[base]
+                       f"{', '.join(k + '.lvd142m' for k in DINOV2_ARCHS)} (or tok's {', '.join(TOK_ARCHS)})")
+    return arch
 
 
 def build_vit(name: str, *, depth: int | None, image_size: int, patch_size: int, drop_path: float = 0.0,
-              patch_embed: bool = True) -> nn.Module:
+              patch_embed: bool = True, layer_scale_init: float = LAYER_SCALE_INIT) -> nn.Module:
     """A timm ``VisionTransformer`` of the DINOv2 architecture ``name`` (random init; no head, no download).
-    ``patch_embed=False`` drops the patch convolution (a decoder feeds its own tokens)."""
+    ``patch_embed=False`` drops the patch convolution (a decoder feeds its own tokens). ``layer_scale_init`` only
+    sets the initial LayerScale (DINOv2's 1e-5 keeps a fresh block near identity: right for fine-tuning, slow for a
+    short run from scratch)."""
     from timm.models.vision_transformer import VisionTransformer
 
     width, heads, default_depth = vit_arch(name)
@@ -58,7 +64,7 @@ def build_vit(name: str, *, depth: int | None, image_size: int, patch_size: int,
         raise TokError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
     vit = VisionTransformer(img_size=image_size, patch_size=patch_size, num_classes=0, global_pool="",
                             embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
-                            init_values=LAYER_SCALE_INIT, class_token=True, no_embed_class=False,
+                            init_values=float(layer_scale_init), class_token=True, no_embed_class=False,
                             drop_path_rate=drop_path)
     for blk in vit.blocks:
         blk.attn.fused_attn = True  # SDPA, whatever TIMM_FUSED_ATTN says
@@ -91,10 +97,10 @@ class ViTEncoder(nn.Module):
     """Image [B, 3, H, W] -> the last ``num_latent_tokens`` tokens after the final norm, [B, L, width]."""
 
     def __init__(self, name: str, *, depth: int | None, image_size: int, patch_size: int, num_latent_tokens: int,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, layer_scale_init: float = LAYER_SCALE_INIT):
         super().__init__()
         self.model = build_vit(name, depth=depth, image_size=image_size, patch_size=patch_size,
-                               drop_path=drop_path)
+                               drop_path=drop_path, layer_scale_init=layer_scale_init)
         self.width = self.model.embed_dim
         self.num_latent_tokens = int(num_latent_tokens)
         self.latent_tokens = _latent_param(self.num_latent_tokens, self.width, truncated=False)
@@ -111,10 +117,10 @@ class ViTDecoder(nn.Module):
     """Latent tokens already projected to the width, [B, L, width] -> image [B, 3, H, W] (unclamped)."""
 
     def __init__(self, name: str, *, depth: int | None, image_size: int, patch_size: int, num_latent_tokens: int,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, layer_scale_init: float = LAYER_SCALE_INIT):
         super().__init__()
         self.model = build_vit(name, depth=depth, image_size=image_size, patch_size=patch_size,
-                               drop_path=drop_path, patch_embed=False)
+                               drop_path=drop_path, patch_embed=False, layer_scale_init=layer_scale_init)
         self.width = self.model.embed_dim
         self.patch_size = int(patch_size)
         self.grid = image_size // patch_size
@@ -144,25 +150,34 @@ def dinov2_repo(name: str) -> str:
     """The Hub repo timm loads a DINOv2 name's weights from (``timm/<name>.lvd142m``)."""
     base = str(name).split(".", 1)[0]
     vit_arch(base)
+    if base in TOK_ARCHS:
+        raise TokError(f"{base} is tok's own ViT width: no DINOv2 weights exist for it (use one of "
+                       f"{', '.join(DINOV2_ARCHS)})")
     return f"timm/{base}.lvd142m"
 
 
-def load_dinov2(vit: nn.Module, name: str) -> str:
-    """Initialise ``vit`` (from :func:`build_vit`) with timm's DINOv2 weights from the local Hugging Face cache,
-    resampled to its patch size (kernel) and grid (position table) by timm's own filter. Never downloads: a missing
-    file is a :class:`MissingWeightsError` naming it and the ``hf download`` command. Returns the file's path."""
-    from huggingface_hub import hf_hub_download
-    from safetensors.torch import load_file
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+def dinov2_file(name: str):
+    """The pretrained-file record (tokcli/core/pretrained.py) of timm's DINOv2 weights for ``name``."""
+    from tokcli.core.pretrained import PretrainedFile
     from tokcli.core.registry import hf_env
 
     repo, (cache, _) = dinov2_repo(name), hf_env()
-    try:
-        path = hf_hub_download(repo, "model.safetensors", cache_dir=cache, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - not in the cache (any reason): one line
-        raise MissingWeightsError(f"DINOv2 initialisation needs {repo}:model.safetensors in the Hugging Face cache "
-                                  f"({type(e).__name__}); get it with `hf download {repo} model.safetensors`") from None
+    folder = Path(cache) if cache else Path.home() / ".cache" / "huggingface" / "hub"
+    return PretrainedFile(what=f"the DINOv2 weights of {repo}", name="model.safetensors", folder=folder,
+                          hf=(repo, "model.safetensors"), hf_cache=Path(cache) if cache else None, fetch_flag=None)
+
+
+def load_dinov2(vit: nn.Module, name: str) -> str:
+    """Initialise ``vit`` (from :func:`build_vit`) with timm's DINOv2 weights, resampled to its patch size (kernel)
+    and grid (position table) by timm's own filter. The file comes from the local Hugging Face cache, and is
+    downloaded only when ``TOK_DOWNLOAD=1`` (and no ``HF_HUB_OFFLINE``): the one rule of tokcli/core/pretrained.py.
+    A missing file is a :class:`MissingWeightsError` naming it and its ``hf download`` command. Returns its path."""
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from tokcli.core.pretrained import ensure
+
+    path = ensure(dinov2_file(name))
     state = checkpoint_filter_fn(load_file(path), vit)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "mask_token"))}
     if isinstance(vit.patch_embed, nn.Identity):

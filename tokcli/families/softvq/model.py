@@ -17,7 +17,8 @@ names: S/B/L), ``encoder_depth`` / ``decoder_depth`` (blocks; default the name's
 the checkpoint), ``image_size`` (256), ``enc_patch_size`` / ``dec_patch_size`` (16), ``num_latent_tokens`` (L),
 ``codebook_embed_dim`` (d), ``codebook_size`` (8192), ``num_codebooks`` (4), ``tau`` (0.07), ``codebook_l2_norm``
 (true), ``vq_mean`` (0), ``vq_std`` (1), ``entropy_temperature`` (0.01), ``enc_drop_path_rate`` /
-``dec_drop_path_rate`` (0), ``normalize_latents`` (false).
+``dec_drop_path_rate`` (0), ``normalize_latents`` (false), ``layer_scale_init`` (1e-5, DINOv2's: the initial
+LayerScale only, a training choice). ``tok_vit_tiny`` (width 192, 3 heads) is tok's own block width for CPU demos.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ DEFAULTS: dict[str, Any] = {
     "encoder_depth": None, "decoder_depth": None, "image_size": 256, "enc_patch_size": 16, "dec_patch_size": 16,
     "codebook_size": 8192, "num_codebooks": 4, "tau": 0.07, "codebook_l2_norm": True, "vq_mean": 0.0,
     "vq_std": 1.0, "entropy_temperature": 0.01, "enc_drop_path_rate": 0.0, "dec_drop_path_rate": 0.0,
-    "normalize_latents": False,
+    "normalize_latents": False, "layer_scale_init": 1e-5,
 }
 _INTS = ("image_size", "enc_patch_size", "dec_patch_size", "num_latent_tokens", "codebook_embed_dim",
          "codebook_size", "num_codebooks")
-_FLOATS = ("tau", "vq_mean", "vq_std", "entropy_temperature", "enc_drop_path_rate", "dec_drop_path_rate")
+_FLOATS = ("tau", "vq_mean", "vq_std", "entropy_temperature", "enc_drop_path_rate", "dec_drop_path_rate",
+           "layer_scale_init")
 
 
 def _number(args: dict, key: str, kind: type):
@@ -100,14 +102,14 @@ class SoftVQ(Tokenizer):
         n, d = a["num_latent_tokens"], a["codebook_embed_dim"]
         self.encoder = ViTEncoder(a["encoder_model"], depth=a["encoder_depth"], image_size=a["image_size"],
                                   patch_size=a["enc_patch_size"], num_latent_tokens=n,
-                                  drop_path=a["enc_drop_path_rate"])
+                                  drop_path=a["enc_drop_path_rate"], layer_scale_init=a["layer_scale_init"])
         self.quant_conv = nn.Linear(self.encoder.width, d)
         self.quantize = SoftVectorQuantizer(a["codebook_size"], d, a["num_codebooks"], tau=a["tau"],
                                             l2_norm=a["codebook_l2_norm"],
                                             entropy_temperature=a["entropy_temperature"])
         self.decoder = ViTDecoder(a["decoder_model"], depth=a["decoder_depth"], image_size=a["image_size"],
                                   patch_size=a["dec_patch_size"], num_latent_tokens=n,
-                                  drop_path=a["dec_drop_path_rate"])
+                                  drop_path=a["dec_drop_path_rate"], layer_scale_init=a["layer_scale_init"])
         self.post_quant_conv = nn.Linear(d, self.decoder.width)
         self.num_latent_tokens, self.latent_dim = n, d
 
@@ -123,6 +125,20 @@ class SoftVQ(Tokenizer):
                    f"token t uses codebook t // {self.num_latent_tokens // a['num_codebooks']}",
             extra={"vq_mean": a["vq_mean"], "vq_std": a["vq_std"], "normalized": a["normalize_latents"],
                    "num_codebooks": a["num_codebooks"], "codebook_size": a["codebook_size"], "tau": a["tau"]})
+
+    @property
+    def id_spec(self) -> TokenSpec:
+        """The argmax ids as :meth:`usage_ids` lays them out: [L / G, G], group (codebook) on the last axis."""
+        a = self.model_args
+        g = a["num_codebooks"]
+        return TokenSpec(kind="indices", shape=(self.num_latent_tokens // g, g), codebook_size=a["codebook_size"],
+                         layout="argmax ids [position in group, group]", extra={"groups": g})
+
+    def usage_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> argmax ids [B, L / G, G] (token t = group t // (L / G) is at [t % (L / G), t // (L / G)])."""
+        g = self.model_args["num_codebooks"]
+        ids = self.encode_ids(x)
+        return ids.reshape(ids.shape[0], g, -1).transpose(1, 2)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the soft latents z [B, L, d] float32 (normalised when ``normalize_latents``)."""
