@@ -24,8 +24,9 @@ What happens per configuration:
    then overwrites) and ``repa=False`` (as released); nothing in the official inference path calls ``.cuda()``.
    Importing it re-registers timm's ``vit_*`` names with the official ``VisionTransformer`` copy (explicit
    softmax(QK^T)V attention, ``fused_attn=False``; flash-attn is used there only for non-fp32 inputs); tok builds
-   timm's own class directly, so it is unaffected. ``codebook_show_usage`` stays on, as in the releases (the
-   official quantizer then runs ``torch.unique`` over its usage buffer on every call).
+   timm's own class directly, so it is unaffected. ``codebook_show_usage`` stays at its ``ModelArgs`` default, on
+   (the released checkpoints carry its ``codebook_used`` buffer); the official quantizer then runs ``torch.unique``
+   over that buffer on every call, eval included.
 2. The LayerScale gammas (1e-5 at init, which would make every block nearly the identity and the parity check
    weak) are redrawn uniform in [--gamma-min, --gamma-max]; the model is written with the official
    ``save_pretrained`` (``config.json`` + ``model.safetensors``) to a temporary folder, converted with tok's converter

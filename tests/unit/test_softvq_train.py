@@ -101,7 +101,7 @@ def test_missing_dinov2_teacher_is_one_line(blobs, tmp_path, monkeypatch):
                 env={"HF_HUB_CACHE": str(empty), "HF_HUB_OFFLINE": "1"})
     err = p.stderr.decode().strip()
     assert p.returncode != 0 and len(err.splitlines()) == 1, err
-    assert "timm/vit_small_patch14_dinov2.lvd142m:model.safetensors" in err
+    assert "hf download timm/vit_small_patch14_dinov2.lvd142m model.safetensors" in err and "TOK_DOWNLOAD=1" in err
     assert not (tmp_path / "run" / "model").exists()
 
 

@@ -73,6 +73,23 @@ def build_vit(name: str, *, depth: int | None, image_size: int, patch_size: int,
     return vit
 
 
+@torch.no_grad()
+def fold_layer_scale(vit: nn.Module) -> None:
+    """Inference only: multiply each block's LayerScale into the Linear before it (``attn.proj``, ``mlp.fc2``:
+    rows and bias) and drop the multiply. Same maths, one element-wise pass fewer per branch (~9 % of a ViT-S
+    encode on CPU); outputs move by float rounding (~1e-6). The state dict then lacks ``ls1`` / ``ls2``: a folded
+    model is for running, not for saving."""
+    for blk in vit.blocks:
+        for ls, lin in ((blk.ls1, blk.attn.proj), (blk.ls2, blk.mlp.fc2)):
+            if isinstance(ls, nn.Identity):
+                continue
+            g = ls.gamma
+            lin.weight.mul_(g[:, None])
+            if lin.bias is not None:
+                lin.bias.mul_(g)
+        blk.ls1, blk.ls2 = nn.Identity(), nn.Identity()
+
+
 def _cls_and_pos(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Prepend the cls token and add the position table (the cls token has its own slot)."""
     cls = vit.cls_token.expand(x.shape[0], -1, -1)

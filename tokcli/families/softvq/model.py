@@ -113,6 +113,14 @@ class SoftVQ(Tokenizer):
         self.post_quant_conv = nn.Linear(d, self.decoder.width)
         self.num_latent_tokens, self.latent_dim = n, d
 
+    def prepare_for_inference(self) -> None:
+        """Fold the LayerScale of every block into its Linear (tokcli.nn.vit.fold_layer_scale). Called by
+        :meth:`TokModel.from_folder` (``inference=True``); training optimises the unfolded model."""
+        from tokcli.nn.vit import fold_layer_scale
+
+        fold_layer_scale(self.encoder.model)
+        fold_layer_scale(self.decoder.model)
+
     # --- the contract -------------------------------------------------------------------------------
     @property
     def spec(self) -> TokenSpec:
