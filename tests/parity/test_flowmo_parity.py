@@ -157,6 +157,13 @@ def test_cli_encode_info_decode(converted, expected, tmp_path):
         assert (tmp_path / "dec1" / f"im{i}.png").read_bytes() == (tmp_path / "dec2" / f"im{i}.png").read_bytes()
     p = run_tok("decode", codes, "-o", tmp_path / "dec0", "--steps", "0")
     assert p.returncode == 2 and b"Traceback" not in p.stderr
+    with np.load(codes, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for name, ids, needle in (("range", np.where(arrays["indices"] == 0, 8, arrays["indices"]), "outside the codebook"),
+                              ("short", arrays["indices"][:, :31], "per-image shape (31,)")):
+        np.savez(tmp_path / f"{name}.npz", **{**arrays, "indices": ids.astype(np.uint8)})
+        p = run_tok("decode", tmp_path / f"{name}.npz", "-o", tmp_path / f"o-{name}", "--steps", "1")
+        _fails_cleanly(p, tmp_path / f"o-{name}", needle)
 
 
 def _fails_cleanly(p, dest, *needles):

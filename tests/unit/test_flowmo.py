@@ -54,7 +54,8 @@ def test_guidance_interval_of_the_official_25_steps():
     g = guided_steps(time_grid(25)[0], 1.5, (lo, hi))
     assert sum(g) == 6 and [i for i, x in enumerate(g) if x] == list(range(4, 10))  # 25 + 6 = 31 passes
     assert not any(guided_steps(time_grid(25)[0], 1.0, (lo, hi)))
-    assert all(guided_steps(time_grid(3)[0], 2.0, guidance_interval(None)))
+    assert all(guided_steps(time_grid(3)[0], 2.0, guidance_interval("all")))
+    assert guidance_interval(None) is None
     assert guidance_interval("(.17,1.02)") == (lo, hi)
 
 
@@ -70,9 +71,9 @@ def test_batched_cfg_equals_two_calls(tiny, ids):
         return tiny.velocity(z, t, c)
 
     with torch.inference_mode():
-        one = sample(counted, z0, cond, steps=6, cfg=2.0, cfg_interval=None, batched_cfg=True)
+        one = sample(counted, z0, cond, steps=6, cfg=2.0, cfg_interval="all", batched_cfg=True)
         n_batched = len(calls)
-        two = sample(counted, z0, cond, steps=6, cfg=2.0, cfg_interval=None, batched_cfg=False)
+        two = sample(counted, z0, cond, steps=6, cfg=2.0, cfg_interval="all", batched_cfg=False)
     assert n_batched == 6 and calls[:6] == [6] * 6 and len(calls) == 6 + 12
     assert float((one - two).abs().max()) < 1e-5
 
@@ -80,7 +81,7 @@ def test_batched_cfg_equals_two_calls(tiny, ids):
 def test_seeds_are_per_image_and_noise_replays(tiny, ids):
     from tokcli.families.flowmo.sampler import make_noise
 
-    kw = dict(steps=3, cfg=1.5, cfg_interval=None)
+    kw = dict(steps=3, cfg=1.5, cfg_interval="all")
     with torch.inference_mode():
         full = tiny.decode(ids, seed=[10, 11, 12], **kw)
         one = tiny.decode(ids[1:2], seed=[11], **kw)
@@ -108,7 +109,8 @@ def test_defaults_and_keywords(tiny, ids):
                                     ({"schedule": "cosine"}, "unknown FlowMo sampler schedule"),
                                     ({"schedule": "pow_-1"}, "unknown FlowMo sampler schedule"),
                                     ({"cfg": float("nan")}, "finite"),
-                                    ({"cfg_interval": [1.0]}, "cfg_interval")])
+                                    ({"cfg_interval": [1.0]}, "cfg_interval"),
+                                    ({"cfg_interval": "some"}, "cfg_interval")])
 def test_bad_sampler_keywords(tiny, ids, kw, msg):
     with pytest.raises(TokError, match=msg):
         tiny.decode(ids, seed=0, **{"steps": 1, **kw})

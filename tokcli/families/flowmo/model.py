@@ -21,6 +21,7 @@ model_args: ``image_size`` (256), ``patch_size`` (4), ``code_length`` (L, 256), 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -147,6 +148,12 @@ class FlowMo(Tokenizer):
         return fm_sampler.sample(self.velocity, z0, cond, steps=steps, cfg=cfg, schedule=schedule,
                                  cfg_interval=cfg_interval)
 
+    def sampler_kwargs(self, sampler: dict[str, Any]) -> dict[str, Any]:
+        """The base class's keywords, with their values checked too (before any image is read or written)."""
+        kw = super().sampler_kwargs(sampler)
+        fm_sampler.check_options(**kw)
+        return kw
+
     # --- the parts ------------------------------------------------------------------------------------
     def _positions(self, h: int, w: int) -> torch.Tensor:
         from tokcli.nn.rope import image_latent_positions
@@ -188,6 +195,26 @@ class FlowMo(Tokenizer):
         v, _ = self.decoder(patchify(z, p), cond, self._positions(h, w), t)
         return unpatchify(v, p, h, w)
 
+    # --- training -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor | None = None,
+                freeze_encoder: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Training pass (stage 1A): images x, times t [B], noise [B, 3, H, W], ``keep`` [B] (0 drops the whole
+        condition for CFG, 1 keeps it) -> (v at x_t = (1 - t) x + t noise, aux). aux: the quantizer's
+        ``entropy_aux`` / ``commitment`` (training mode; zeros when the encoder is frozen) and statistics, and
+        ``x_t``. ``freeze_encoder``: no gradient into the encoder (its output is still quantized)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_encoder):
+            pre = self.encode_latent(x)
+        was = self.quantizer.training
+        self.quantizer.train(was and not freeze_encoder)
+        q = self.quantizer(pre)
+        self.quantizer.train(was)
+        cond = self.condition(q.quantized)
+        if keep is not None:
+            cond = cond * keep.to(cond.dtype)[:, None, None]
+        tt = t.to(x.dtype)[:, None, None, None]
+        x_t = (1 - tt) * x + tt * noise
+        return self.velocity(x_t, t.to(x.dtype), cond), {**q.losses, **q.stats, "x_t": x_t}
+
     def initial_noise(self, n: int, seed=None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """z0 [n, 3, S, S]: ``noise`` as given, else seed + i per image (an int) or one seed per image; None: the
         global RNG."""
@@ -199,7 +226,7 @@ class FlowMo(Tokenizer):
             return noise.to(device=self.device, dtype=dtype)
         if seed is None:
             return torch.randn((n, 3, s, s), device=self.device, dtype=dtype)
-        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int) else [int(x) for x in seed]
+        seeds = [int(seed) + i for i in range(n)] if isinstance(seed, numbers.Integral) else [int(x) for x in seed]
         if len(seeds) != n:
             raise TokError(f"{len(seeds)} seeds for a batch of {n} images")
         return fm_sampler.make_noise(seeds, (3, s, s), self.device, dtype)

@@ -6,7 +6,7 @@ Convention (official code): x_t = (1 - t) x + t z, the decoder predicts v = z - 
   ``"linear"`` (t_k = k / n, every dt = 1 / n). Grids are float32, built the way the official code builds them, so
   the same steps give the same times to the last bit.
 - ``cfg`` > 1 guides only the steps whose t lies in the guidance interval, given in EDM noise levels sigma
-  (official ``(.17, 1.02)``) and mapped to t = sigma / (1 + sigma); ``cfg_interval=None`` guides every step; cfg 1
+  (official ``(.17, 1.02)``) and mapped to t = sigma / (1 + sigma); ``cfg_interval="all"`` guides every step; cfg 1
   is the unguided sampler (no unconditional pass at all). A guided step runs the conditional and the unconditional
   inputs as **one** batched decoder call (the official code makes two), then v = v_u + cfg (v_c - v_u).
 - The null condition is the whole ``[code, 1]`` times 0 (mask channel included), as in training's latent dropout.
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tokcli.errors import TokError
+from tokcli.errors import TokError, TokUsageError
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEDULES = ("pow_<P>", "linear")
@@ -47,6 +47,18 @@ def _pow_exponent(schedule) -> float:
     raise TokError(f"unknown FlowMo sampler schedule {schedule!r} (use pow_P with P > 0, e.g. pow_0.25, or linear)")
 
 
+def check_options(steps=25, cfg=1.5, schedule="pow_0.25", cfg_interval=None) -> None:
+    """Every sampler keyword's value, checked before any image is read or written (a usage error: exit 2)."""
+    try:
+        check_steps(steps)
+        check_cfg(cfg)
+        if schedule != "linear":
+            _pow_exponent(schedule)
+        guidance_interval(cfg_interval)
+    except TokError as e:
+        raise TokUsageError(str(e)) from None
+
+
 def check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TokError(f"FlowMo sampling steps must be a positive integer, got {steps!r}")
@@ -60,8 +72,10 @@ def check_cfg(cfg) -> float:
 
 
 def guidance_interval(cfg_interval) -> tuple[float, float] | None:
-    """An EDM sigma interval ([lo, hi], or the official string "(.17,1.02)"; None: every step) -> t bounds."""
-    if cfg_interval is None:
+    """An EDM sigma interval ([lo, hi], or the official string "(.17,1.02)") -> t bounds; ``"all"`` (or None, the
+    official config's null) guides every step. (``decode(cfg_interval=None)`` means "the folder's default", as
+    every sampler keyword; say ``"all"`` there.)"""
+    if cfg_interval is None or cfg_interval == "all":
         return None
     raw = cfg_interval
     if isinstance(raw, str):
@@ -72,7 +86,7 @@ def guidance_interval(cfg_interval) -> tuple[float, float] | None:
     ok = isinstance(raw, (list, tuple)) and len(raw) == 2 and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in raw)
     if not ok:
-        raise TokError(f"FlowMo cfg_interval must be two noise levels [lo, hi] >= 0 (EDM sigma), got "
+        raise TokError(f"FlowMo cfg_interval must be two noise levels [lo, hi] >= 0 (EDM sigma) or \"all\", got "
                        f"{cfg_interval!r}")
     lo, hi = (float(s) for s in raw)
     return lo / (1 + lo), hi / (1 + hi)
