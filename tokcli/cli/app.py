@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli import bench, codec, convert, train
+from tokcli.cli import bench, codec, convert, generate, train
 from tokcli.cli.common import PIPE_CLOSED, cli_errors, is_broken_pipe, print_json, silence_stdout
 from tokcli.version import __version__
 
@@ -73,6 +73,7 @@ app.command("encode")(codec.encode_cmd)
 app.command("decode")(codec.decode_cmd)
 app.command("reconstruct")(codec.reconstruct_cmd)
 app.command("convert")(convert.convert_cmd)
+app.command("generate")(generate.generate_cmd)
 app.command("train")(train.train_cmd)
 app.add_typer(bench.app, name="bench")
 

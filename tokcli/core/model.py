@@ -51,6 +51,10 @@ class TokModel(nn.Module):
         """Top-level config keys this model writes next to ``model_args`` (tokenizers: tokens, preprocess)."""
         return {}
 
+    def read_folder_config(self, config: Mapping[str, Any]) -> None:
+        """Called by :meth:`from_folder` with the folder's config.json: a model whose :meth:`folder_config` writes
+        keys it needs back (a generator's ``tokenizer`` and ``sample`` blocks) reads them here."""
+
     def prepare_for_inference(self) -> None:
         """Called by :meth:`from_folder` before eval (e.g. CODA fuses its LoRA); training never calls it."""
 
@@ -92,6 +96,7 @@ class TokModel(nn.Module):
         model.sha256 = sha
         model.source = str(folder.path)
         model.decode_defaults = dict(folder.config.get("decode") or {})
+        model.read_folder_config(folder.config)
         if inference:
             model.prepare_for_inference()
             model.requires_grad_(False)

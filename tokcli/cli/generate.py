@@ -1,0 +1,73 @@
+"""`tok generate`: class-conditional samples of a generator, decoded through its tokenizer into PNGs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from tokcli.cli.common import DeviceOpt, QuietOpt, cli_errors, err
+
+
+def _interval(text: str | None) -> list[float] | None:
+    from tokcli.errors import TokUsageError
+
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise TokUsageError(f"--guidance-interval takes LOW,HIGH (e.g. 0,0.7), got {text!r}") from None
+    return [low, high]
+
+
+def generate_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="generator: registry name (sit-xl_softvq-b-64), "
+                                                             "local-dir:PATH or a generator folder")],
+    output: Annotated[str, typer.Option("--output", "-o", help="folder for the PNGs (class{c:04d}/{i:05d}.png)")],
+    classes: Annotated[Optional[str], typer.Option("--class", help="class ids: 207, a comma list 1,2,3, "
+                                                                   "or all")] = None,
+    n: Annotated[int, typer.Option("-n", help="samples per class")] = 1,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="sampling steps [default: the generator's]")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="classifier-free guidance scale (1 = none) "
+                                                               "[default: the generator's]")] = None,
+    guidance_interval: Annotated[Optional[str], typer.Option("--guidance-interval", metavar="LOW,HIGH",
+                                                             help="guide only at times t in [LOW, HIGH] (t = 1 is "
+                                                                  "noise) [default: the generator's]")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="ode | sde [default: the generator's]")] = None,
+    path_type: Annotated[Optional[str], typer.Option("--path-type", help="linear | cosine: the SDE's score "
+                                                                         "conversion [default: the "
+                                                                         "generator's]")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="sample j of the run is seeded with seed + j")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="samples per batch")] = 8,
+    tokens_out: Annotated[Optional[str], typer.Option("--tokens-out", help="also write the tokens (.npz, with "
+                                                                           "labels; tok decode reads it)")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="decode through this tokenizer instead of "
+                                                                         "the one the generator names")] = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+):
+    """Sample images of the given classes with a generator and decode them through its tokenizer."""
+    with cli_errors():
+        import tokcli
+        from tokcli.core.device import set_precision
+        from tokcli.errors import TokUsageError
+        from tokcli.gen import generate as gen_lib
+
+        if n < 1:
+            gen_lib.plan([], n)  # the one-line refusal of -n 0
+        options = {"steps": steps, "cfg": cfg, "guidance_interval": _interval(guidance_interval),
+                   "sampler": sampler, "path_type": path_type}
+        options = {k: v for k, v in options.items() if v is not None}
+        if steps is not None and steps < 1:
+            raise TokUsageError(f"--steps must be at least 1, got {steps}")
+        set_precision("fp32")
+        gen = tokcli.load_generator(model, device=device)
+        keys, labels = gen_lib.plan(gen_lib.parse_classes(classes, gen.num_classes), n)
+        options = gen.sampler_kwargs(options)
+        gen_lib.check_outputs(output, keys, tokens_out)
+        tok = gen_lib.load_tokenizer(gen, tokenizer, device=str(gen.device))
+        res = gen_lib.generate(gen, tok, keys, labels, output, seed=seed, batch_size=batch_size, sampler=options,
+                               tokens_out=tokens_out, quiet=quiet)
+        err(f"generated {len(res.written)} image(s) with {gen.name} (decoded by {tok.name}) -> {output}"
+            + (f"; tokens -> {tokens_out}" if tokens_out else ""))
