@@ -21,6 +21,19 @@ def _interval(text: str | None) -> list[float] | None:
     return [low, high]
 
 
+def _per_subtoken(text: str | None, option: str, cast=float):
+    """``1.5`` -> 1.5, ``1.75,1.8,2,2`` -> a list (the AR generator's per-sub-token settings)."""
+    from tokcli.errors import TokUsageError
+
+    if text is None:
+        return None
+    try:
+        vals = [cast(v) for v in text.split(",")]
+    except ValueError:
+        raise TokUsageError(f"{option} takes a number or a comma list (one per sub-token), got {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
 def generate_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="generator: registry name (sit-xl_softvq-b-64), "
                                                              "local-dir:PATH or a generator folder")],
@@ -29,8 +42,9 @@ def generate_cmd(
                                                                    "or all")] = None,
     n: Annotated[int, typer.Option("-n", help="samples per class")] = 1,
     steps: Annotated[Optional[int], typer.Option("--steps", help="sampling steps [default: the generator's]")] = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="classifier-free guidance scale (1 = none) "
-                                                               "[default: the generator's]")] = None,
+    cfg: Annotated[Optional[str], typer.Option("--cfg", help="classifier-free guidance scale (1 = none); the AR "
+                                                             "generator takes one per sub-token too (1.75,1.8,2,2) "
+                                                             "[default: the generator's]")] = None,
     guidance_interval: Annotated[Optional[str], typer.Option("--guidance-interval", metavar="LOW,HIGH",
                                                              help="guide only at times t in [LOW, HIGH] (t = 1 is "
                                                                   "noise) [default: the generator's]")] = None,
@@ -38,6 +52,13 @@ def generate_cmd(
     path_type: Annotated[Optional[str], typer.Option("--path-type", help="linear | cosine: the SDE's score "
                                                                          "conversion [default: the "
                                                                          "generator's]")] = None,
+    temperature: Annotated[Optional[str], typer.Option("--temperature", help="AR: softmax temperature, one value "
+                                                                             "or one per sub-token [default: the "
+                                                                             "generator's]")] = None,
+    top_k: Annotated[Optional[str], typer.Option("--top-k", help="AR: keep the k most likely tokens (0 = off, 1 = "
+                                                                 "greedy), one value or one per sub-token")] = None,
+    top_p: Annotated[Optional[str], typer.Option("--top-p", help="AR: nucleus filtering (1 = off), one value or one "
+                                                                 "per sub-token")] = None,
     seed: Annotated[int, typer.Option("--seed", help="sample j of the run is seeded with seed + j")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="samples per batch")] = 8,
     tokens_out: Annotated[Optional[str], typer.Option("--tokens-out", help="also write the tokens (.npz, with "
@@ -56,8 +77,10 @@ def generate_cmd(
 
         if n < 1:
             gen_lib.plan([], n)  # the one-line refusal of -n 0
-        options = {"steps": steps, "cfg": cfg, "guidance_interval": _interval(guidance_interval),
-                   "sampler": sampler, "path_type": path_type}
+        options = {"steps": steps, "cfg": _per_subtoken(cfg, "--cfg"),
+                   "guidance_interval": _interval(guidance_interval), "sampler": sampler, "path_type": path_type,
+                   "temperature": _per_subtoken(temperature, "--temperature"),
+                   "top_k": _per_subtoken(top_k, "--top-k", int), "top_p": _per_subtoken(top_p, "--top-p")}
         options = {k: v for k, v in options.items() if v is not None}
         if steps is not None and steps < 1:
             raise TokUsageError(f"--steps must be at least 1, got {steps}")

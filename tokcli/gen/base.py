@@ -3,7 +3,8 @@ tokenizer it samples for and carries its sampling defaults.
 
 config.json, besides ``family`` / ``model_args`` / ``provenance`` (``TokModel.save_folder``):
 
-- ``tokenizer``: ``{"name": registry name or local-dir:PATH, "sha256": the tokenizer weights' sha256 or null}``;
+- ``tokenizer``: ``{"name": registry name or local-dir:PATH, "sha256": the tokenizer weights' sha256 or null}``
+  (a relative local-dir PATH is relative to the generator folder: :attr:`Generator.tokenizer_name`);
   ``tok generate`` decodes through that model (resolved like any model name) and refuses other weights;
 - ``sample``: the sampler defaults (``steps``, ``cfg``, the family's own knobs) that :meth:`Generator.sample` applies
   under the explicit keywords.
@@ -21,6 +22,7 @@ The contract:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -73,7 +75,14 @@ class Generator(TokModel):
 
     @property
     def tokenizer_name(self) -> str | None:
-        return self.tokenizer_ref.get("name") or None
+        """The recorded tokenizer name; a relative ``local-dir:PATH`` is resolved against the folder this generator
+        was loaded from (a tokenizer kept inside the generator folder moves with it)."""
+        name = self.tokenizer_ref.get("name") or None
+        if name and name.startswith("local-dir:") and self.source:
+            path = Path(name[len("local-dir:"):]).expanduser()
+            if not path.is_absolute():
+                return "local-dir:" + str(Path(self.source) / path)
+        return name
 
     # --- what subclasses give ------------------------------------------------------------------------------------
     @property

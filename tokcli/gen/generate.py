@@ -64,7 +64,7 @@ def load_tokenizer(gen, name: str | None = None, device: str = "cpu"):
     import tokcli
 
     recorded = gen.tokenizer_ref
-    want = name or recorded.get("name")
+    want = name or gen.tokenizer_name
     if not want:
         raise TokUsageError(f"the generator {gen.name} records no tokenizer (no tokenizer.name in its config.json): "
                             "pass --tokenizer NAME")
