@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokcli.nn.rope import apply_rope, rope_tables
-from tokcli.quant.msrq import RMSNorm  # weight-only, fp32 statistic: the Llama norm (same maths, one class)
+from tokcli.nn.norm import RMSNorm
 
 __all__ = ["RMSNorm", "find_multiple", "ffn_hidden", "rope_2d", "KVCache", "Attention", "FeedForward", "Block"]
 

@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcli.nn.norm import RMSNorm
 from tokcli.quant.base import QuantOut, global_mean
 from tokcli.quant.vq import first_argmax, nearest_code, straight_through, vq_losses
 
@@ -87,22 +88,6 @@ ASSIGNMENTS = ("attention", "nearest")
 # in cache makes the scale and the argmax cheap; 256 MiB elsewhere (a memory bound, not a speed trick).
 LOGIT_BLOCK_ELEMENTS = {"cpu": 1 << 20}
 LOGIT_BLOCK_ELEMENTS_DEFAULT = 1 << 26
-
-
-class RMSNorm(nn.Module):
-    """Weight-only RMSNorm over the last axis; the mean square is computed in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ms = x.float().pow(2).mean(-1, keepdim=True)
-        y = x * torch.rsqrt(ms + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            y = y.to(self.weight.dtype)
-        return y * self.weight
 
 
 def _make_norm(norm_type: str | None, dim: int) -> nn.Module | None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from tokcli.errors import TokError
 from tokcli.gen.base import Generator
+from tokcli.nn.embed import LabelEmbedder
 
 FAMILY = "sit"
 REQUIRED = ("input_size", "in_channels", "hidden_size", "depth", "num_heads")
@@ -85,22 +86,6 @@ class TimestepEmbedder(nn.Module):
         a = t.float()[:, None] * freqs[None]
         emb = torch.cat([a.cos(), a.sin()], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """A table of ``num_classes`` rows, plus the null class (row ``num_classes``) when labels are dropped in
-    training (``dropout_prob > 0``: classifier-free guidance)."""
-
-    def __init__(self, num_classes: int, hidden: int, dropout_prob: float):
-        super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return self.embedding_table(y)
 
 
 class SiTBlock(nn.Module):

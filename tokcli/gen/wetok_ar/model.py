@@ -35,8 +35,9 @@ from torch import nn
 
 from tokcli.errors import TokError
 from tokcli.gen.base import Generator
-from tokcli.gen.sit.model import LabelEmbedder  # the DiT / LlamaGen label table with its null row (one class)
-from tokcli.nn.llama import Block, RMSNorm, ffn_hidden, rope_2d
+from tokcli.nn.embed import LabelEmbedder
+from tokcli.nn.llama import Block, ffn_hidden, rope_2d
+from tokcli.nn.norm import RMSNorm
 
 FAMILY = "wetok_ar"
 REQUIRED = ("block_size", "spatial_n_layer", "factorized_n_layer", "factorized_bits", "n_head", "dim", "class_num")
