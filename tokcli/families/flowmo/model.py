@@ -5,7 +5,8 @@ tokcli/quant/lfq_groups.py, sampler.py).
 
     encode: image [B, 3, H, W] in [-1, 1] -> patchify -> encoder (latent input: zeros, no timestep)
             -> latent stream [B, L, C] -> sign -> ids [B, L * fh] (fh = C / fg sub-tokens of fg bits per position)
-    decode: ids -> +-1 code [B, L, C] -> cond = [code, 1] -> Euler sampler from z0 ~ N(0, I) (sampler.py)
+    decode: ids -> +-1 code [B, L, C] -> cond = [code, 1] -> Euler (or Heun: ``solver``) sampler from z0 ~ N(0, I)
+            (sampler.py)
 
 Tokens are the official LFQ ids (``kind="indices"``, codebook 2**fg), one-dimensional: they do not scale with the
 image, so a model works at its trained ``image_size`` only. The decoder is stochastic: image i of a decode gets the
@@ -99,7 +100,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 class FlowMo(Tokenizer):
     family = FAMILY
     stochastic_decoder = True
-    sampler_options = ("steps", "cfg", "schedule", "cfg_interval")
+    sampler_options = ("steps", "cfg", "schedule", "cfg_interval", "solver")
     header_checked_extra = ("code_length", "context_dim", "fg", "fh", "bit_layout")
 
     def __init__(self, **model_args):
@@ -140,13 +141,13 @@ class FlowMo(Tokenizer):
         return self.quantizer.ids(self.encode_latent(x))
 
     def _decode(self, tokens, *, seed: int | Sequence[int] | None = None, noise: torch.Tensor | None = None,
-                steps: int = 25, cfg: float = 1.5, schedule: str = "pow_0.25", cfg_interval=(0.17, 1.02)
-                ) -> torch.Tensor:
+                steps: int = 25, cfg: float = 1.5, schedule: str = "pow_0.25", cfg_interval=(0.17, 1.02),
+                solver: str = "euler") -> torch.Tensor:
         """ids [B, code_length * fh] -> the raw sample [B, 3, H, W] (the base class clips it, as official)."""
         cond = self.condition(self.codes_from_ids(tokens))
         z0 = self.initial_noise(cond.shape[0], seed, noise)
         return fm_sampler.sample(self.velocity, z0, cond, steps=steps, cfg=cfg, schedule=schedule,
-                                 cfg_interval=cfg_interval)
+                                 cfg_interval=cfg_interval, solver=solver)
 
     def sampler_kwargs(self, sampler: dict[str, Any]) -> dict[str, Any]:
         """The base class's keywords, with their values checked too (before any image is read or written)."""
