@@ -126,3 +126,28 @@ def assert_decode_equals_reconstruct(codes: Path, imgs: Path, model, out: Path, 
         assert np.array_equal(a, b)
     p = run_tok("encode", imgs, "-m", model, "-o", out / "c2.npz", "--image-size", "32")
     assert p.returncode == 2 and b"takes only 64x64" in p.stderr and b"Traceback" not in p.stderr
+
+
+# --- FlowMo unit fixtures ----------------------------------------------------------------------------------------
+# a FlowMo small enough to sample in milliseconds: 16 px, patch 4, 4 positions x 6 bits (8 ids of 3 bits)
+FLOWMO_TINY = {"image_size": 16, "patch_size": 4, "code_length": 4, "context_dim": 6,
+               "codebook_size_for_entropy": 3, "enc_hidden_size": 32, "enc_num_heads": 1, "enc_depth": 1,
+               "dec_hidden_size": 32, "dec_num_heads": 1, "dec_depth": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_flowmo():
+    import torch
+
+    from tokcli.families.flowmo.model import FlowMo
+
+    torch.manual_seed(0)
+    return FlowMo(**FLOWMO_TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def flowmo_ids(tiny_flowmo):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 8, (3, tiny_flowmo.num_tokens), generator=g)

@@ -10,27 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_tok
+from conftest import FLOWMO_TINY, run_tok
 from tokcli.errors import TokError, TokUsageError
 
-TINY = {"image_size": 16, "patch_size": 4, "code_length": 4, "context_dim": 6, "codebook_size_for_entropy": 3,
-        "enc_hidden_size": 32, "enc_num_heads": 1, "enc_depth": 1, "dec_hidden_size": 32, "dec_num_heads": 1,
-        "dec_depth": 1}
+TINY = FLOWMO_TINY
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from tokcli.families.flowmo.model import FlowMo
-
-    torch.manual_seed(0)
-    return FlowMo(**TINY).eval()
+def tiny(tiny_flowmo):
+    return tiny_flowmo
 
 
 @pytest.fixture(scope="module")
-def ids(tiny):
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 8, (3, tiny.num_tokens), generator=g)
+def ids(flowmo_ids):
+    return flowmo_ids
 
 
 # --- sampler ------------------------------------------------------------------------------------------------

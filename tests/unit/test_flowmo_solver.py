@@ -9,25 +9,20 @@ import math
 import pytest
 import torch
 
+from conftest import FLOWMO_TINY
 from tokcli.errors import TokUsageError
 
-TINY = {"image_size": 16, "patch_size": 4, "code_length": 4, "context_dim": 6, "codebook_size_for_entropy": 3,
-        "enc_hidden_size": 32, "enc_num_heads": 1, "enc_depth": 1, "dec_hidden_size": 32, "dec_num_heads": 1,
-        "dec_depth": 1}
+TINY = FLOWMO_TINY
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from tokcli.families.flowmo.model import FlowMo
-
-    torch.manual_seed(0)
-    return FlowMo(**TINY).eval()
+def tiny(tiny_flowmo):
+    return tiny_flowmo
 
 
 @pytest.fixture(scope="module")
-def ids(tiny):
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 8, (3, tiny.num_tokens), generator=g)
+def ids(flowmo_ids):
+    return flowmo_ids
 
 
 def _z(b=2):
