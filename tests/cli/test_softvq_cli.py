@@ -44,14 +44,14 @@ def _official_release(dest, args: dict, seed: int = 0):
     return dest
 
 
-def test_registry_lists_the_eight_releases():
+def test_registry_lists_the_demo_and_the_eight_releases():
     p = run_tok("models", "softvq-*", "--json")
     assert p.returncode == 0, p.stderr.decode()
     rows = json.loads(p.stdout)
     rows = rows if isinstance(rows, list) else rows.get("models", rows)
     names = {r["name"] for r in rows}
     assert names == {f"softvq-{s}-{n}" for s in ("b", "bl", "l") for n in (32, 64)} | {
-        "softvq-bl-64-512", "softvq-l-32-512"}  # the eight releases
+        "softvq-bl-64-512", "softvq-l-32-512", "softvq-tiny"}  # the eight releases and the shipped demo
 
 
 def test_convert_name_offline_names_the_files_and_the_command(tmp_path):

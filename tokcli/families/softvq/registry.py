@@ -1,4 +1,4 @@
-"""Registry entries for SoftVQ-VAE: the eight official releases (Hugging Face ``SoftVQVAE/<name>``, each a
+"""Registry entries for SoftVQ-VAE: the demo model shipped in tokcli/weights/ and the eight official releases (Hugging Face ``SoftVQVAE/<name>``, each a
 ``PyTorchModelHubMixin`` folder: ``config.json`` + fp32 ``model.safetensors``).
 
 The architecture is built from each release's ``config.json`` (never from the name: ``softvq-l-32`` and
@@ -39,6 +39,13 @@ def _entry(name: str, size: str, tokens: int, res: int, rfid: float, gfid: float
 
 _BL = "ViT-B encoder, ViT-L decoder per its config.json, despite the name"
 REGISTRY = [
+    ModelEntry(
+        name="softvq-tiny", family="softvq", shipped=True, license="other",
+        description="demo SoftVQ-VAE (ViT 4 + 4 blocks of width 192, 32 soft tokens x 16 floats at 128 px) trained "
+                    "by tok on CPU on 32 openly licensed photos",
+        notes="see tokcli/weights/softvq-tiny/README.md for data, training and measured quality; licence: "
+              "other (trained on CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos, listed in the card)",
+    ),
     _entry("softvq-b-64", "b", 64, 256, 0.88, 1.78),
     _entry("softvq-b-32", "b", 32, 256, 0.89, 2.51),
     _entry("softvq-bl-64", "bl", 64, 256, 0.65, 1.88),
