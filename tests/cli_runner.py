@@ -119,6 +119,9 @@ def _torch_state() -> Iterator[None]:
                  rng=torch.random.get_rng_state(), py_rng=random.getstate())
     np = sys.modules.get("numpy")
     np_rng = np.random.get_state() if np is not None else None
+    from tokcli.core import device as tok_device  # --precision bf16: tok's own autocast switch
+
+    bf16 = dict(tok_device._BF16)
     try:
         yield
     finally:
@@ -134,6 +137,7 @@ def _torch_state() -> Iterator[None]:
         random.setstate(saved["py_rng"])
         if np_rng is not None:
             np.random.set_state(np_rng)
+        tok_device._BF16.update(bf16)
 
 
 class _BinaryCapture(io.BufferedIOBase):

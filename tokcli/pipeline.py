@@ -5,8 +5,9 @@ Determinism: tokens do not depend on batch size; stochastic decoders draw each i
 generator seeded with ``seed + index`` (index = position in the token file), so results replay exactly whatever the
 batching.
 
-Run settings are arguments, never attributes set on the model: ``precision`` ("fp32" / "tf32"; None leaves the
-process's maths settings alone, e.g. when a caller has set them) is applied here and recorded in the token header;
+Run settings are arguments, never attributes set on the model: ``precision`` ("fp32" / "tf32" / "bf16", autocast
+around the model calls: tokcli/core/device.py; None leaves the process's maths settings alone, e.g. when a caller
+has set them) is applied here and recorded in the token header;
 ``sampler`` (e.g. ``{"steps": 8, "cfg": 2.0}``) goes to ``model.decode(..., **sampler)``, which refuses keywords its
 family does not take.
 
@@ -101,15 +102,12 @@ def model_ref(name_or_path: str | None, model) -> str:
 
 def apply_precision(model, precision: str | None) -> str:
     """Set the maths precision for this run (None: keep the current settings) and return the one in effect on the
-    model's device ("tf32" only on CUDA with TF32 allowed)."""
-    import torch
-
-    from tokcli.core.device import set_precision
+    model's device ("tf32" only on CUDA with TF32 allowed; "bf16" on any device)."""
+    from tokcli.core.device import precision_in_effect, set_precision
 
     if precision is not None:
         set_precision(precision)
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    return "tf32" if model.device.type == "cuda" and tf32 else "fp32"
+    return precision_in_effect(model.device)
 
 
 def check_sampler(model, sampler: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -214,6 +212,7 @@ def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet,
     """Yield (keys, uint8 images, token tensor) for each batch of good images."""
     import torch
 
+    from tokcli.core.device import as_float32, autocast
     from tokcli.core.images import iter_batches, to_tensor
 
     bar = _progress(len(items), "encode", quiet)
@@ -223,14 +222,14 @@ def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet,
         for keys, imgs in iter_batches(items, size, batch_size, skip_errors=skip_errors, errors=res.errors,
                                        workers=workers, stats=stats):
             x = to_tensor(imgs).to(model.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(model.device):
                 if posterior is not None and posterior.sample:
                     where = [positions[k] for k in keys] if positions is not None else range(done, done + len(keys))
                     tok = model.encode(x, sample_posterior=True, seed=[posterior.seed + p for p in where])
                 else:
                     tok = model.encode(x)
             done += len(keys)
-            yield keys, imgs, tok
+            yield keys, imgs, as_float32(tok)
             bar.update(len(keys))
         bar.update(len(items) - bar.n)
     finally:
@@ -240,11 +239,16 @@ def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet,
 
 def encode(model, items, *, ref: str, output: str | Path, image_size: int | None = None, batch_size: int = 8,
            workers: int = 0, skip_errors: bool = False, quiet: bool = False, precision: str | None = None,
-           sample_posterior: bool = False, seed: int = 0, latent_dtype: str | None = None) -> Result:
+           sample_posterior: bool = False, seed: int = 0, latent_dtype: str | None = None,
+           labels: str | None = None) -> Result:
     """Encode images to a token file written atomically at ``output`` (``-`` = stdout). ``sample_posterior``:
     a posterior sample instead of the mean, image i seeded with ``seed + i`` (families that have a posterior).
-    ``latent_dtype``: "float16" stores latent tokens at half the bytes (rounded; default "float32")."""
+    ``latent_dtype``: "float16" stores latent tokens at half the bytes (rounded; default "float32").
+    ``labels="folder"``: class labels from the keys' class folders (``tokcli.core.labels``)."""
+    from tokcli.core.labels import check_label_source, folder_classes, folder_labels, labels_header
     from tokcli.core.tokens import write_token_file
+
+    classes = folder_classes([it.key for it in items]) if check_label_source(labels) else None
 
     size = image_size_for(model, image_size)
     posterior = _Posterior(check_posterior(model, sample_posterior), int(seed))
@@ -261,7 +265,10 @@ def encode(model, items, *, ref: str, output: str | Path, image_size: int | None
     res.tokens = np.concatenate(chunks)
     kind = model.spec.kind
     header = token_header(model, ref, size, precision, posterior.seed if posterior.sample else None, latent_dtype)
-    write_token_file(output, header=header, keys=res.keys, **{kind: res.tokens})
+    if classes is not None:
+        header["labels"] = labels_header(classes)
+    write_token_file(output, header=header, keys=res.keys, **{kind: res.tokens},
+                     labels=None if classes is None else folder_labels(res.keys, classes))
     return res
 
 
@@ -271,15 +278,17 @@ def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=No
     keywords for ``model.decode``."""
     import torch
 
+    from tokcli.core.device import as_float32, autocast
+
     t = torch.from_numpy(np.ascontiguousarray(tokens))
     t = t.long() if model.spec.kind == "indices" else t.float()
     t = t.to(model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(model.device):
         if model.stochastic_decoder:
             seeds = ([seed + p for p in positions] if positions is not None else
                      [seed + start + i for i in range(len(tokens))])
-            return model.decode(t, seed=seeds, **(sampler or {}))
-        return model.decode(t, **(sampler or {}))
+            return as_float32(model.decode(t, seed=seeds, **(sampler or {})))
+        return as_float32(model.decode(t, **(sampler or {})))
 
 
 class _Stage:

@@ -21,7 +21,7 @@ def throughput(model: str | None = None, *, batch_sizes=(1, 8), size: int | None
     import torch
 
     import tokcli
-    from tokcli.core.device import resolve_device, set_precision
+    from tokcli.core.device import autocast, resolve_device, set_precision
 
     set_precision(precision)
     dev = resolve_device(device)
@@ -54,7 +54,7 @@ def throughput(model: str | None = None, *, batch_sizes=(1, 8), size: int | None
         x = (torch.rand(b, 3, size, size, generator=g) * 2 - 1).to(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(dev):
             codes = tok.encode(x)
             t_enc = timed(lambda: tok.encode(x))
             t_dec = timed(lambda: tok.decode(codes))

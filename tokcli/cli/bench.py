@@ -1,7 +1,7 @@
 """`tok bench`: one evaluation protocol for every tokenizer (docs/evaluation.md).
 
     tok bench {psnr,ssim,lpips,rfid,usage,all} DATA -m MODEL [--n N] [--size S] [--json] [--report report.md]
-    tok bench throughput -m MODEL [--batch-size 1,8] [--size S] [--precision fp32|tf32]
+    tok bench throughput -m MODEL [--batch-size 1,8] [--size S] [--precision fp32|tf32|bf16]
     tok bench stats DATA -o ref.npz
     tok bench report RESULT.json... -o report.md
 

@@ -51,19 +51,25 @@ def encode_cmd(
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
     latent_dtype: LatentDtypeOpt = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="folder: class labels from ImageFolder-style "
+                                                                   "class folders (ROOT/CLASS/IMAGE; sorted names "
+                                                                   "-> ids 0..C-1, names in the header)")] = None,
     quiet: QuietOpt = False,
 ):
     """Encode images (ADM centre crop to the model size) into one self-describing token file."""
     with cli_errors():
         from tokcli import pipeline
+        from tokcli.core.labels import check_label_source, folder_classes
 
         items = _items(inputs, image_size)
+        if check_label_source(labels):
+            folder_classes([it.key for it in items])  # a key outside any class folder: refused before the model
         pipeline.check_output_file(output)
         tok = _load(model, device, precision)
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
                               batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet,
                               precision=precision, sample_posterior=sample_posterior, seed=seed,
-                              latent_dtype=latent_dtype)
+                              latent_dtype=latent_dtype, labels=labels)
         _warn_upscaled(res)
         if output != "-":
             err(f"encoded {len(res.keys)} image(s) with {tok.name} -> {output}")

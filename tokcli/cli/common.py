@@ -29,8 +29,10 @@ PosteriorOpt = Annotated[bool, typer.Option("--sample-posterior",
                                                  "instead of the mean; image i is seeded with --seed + i")]
 SkipOpt = Annotated[bool, typer.Option("--skip-errors", help="process the good inputs, list failures at the end "
                                                               "(the exit code is still 1)")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", "--dtype", help="fp32 (exact, reproducible tokens) or tf32 (CUDA "
-                                                                "tensor cores: much faster, ~0.5% of tokens differ)")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", "--dtype", help="fp32 (exact, reproducible tokens), tf32 (CUDA "
+                                                                "tensor cores: much faster, ~0.5% of tokens differ) "
+                                                                "or bf16 (bfloat16 autocast, CUDA and CPU: most "
+                                                                "tokens equal, not all); recorded in the token header")]
 LatentDtypeOpt = Annotated[Optional[str], typer.Option("--latent-dtype", help="storage of latent tokens: float32 "
                                                        "(default, exact) or float16 (half the bytes, rounded)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]

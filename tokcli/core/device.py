@@ -1,4 +1,5 @@
-"""Device policy: ``auto`` picks CUDA when available; strict fp32 maths for reproducible tokens."""
+"""Device policy: ``auto`` picks CUDA when available; strict fp32 maths for reproducible tokens; ``tf32`` and
+``bf16`` (autocast around the model calls of encode / decode / reconstruct) only when asked."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def resolve_device(device: str = "auto"):
     raise TokUsageError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
 
 
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS = ("fp32", "tf32", "bf16")
+_BF16 = {"on": False}  # set by set_precision, read by autocast(): a process-wide maths setting, like TF32
 
 
 def exact_math() -> None:
@@ -34,12 +36,16 @@ def set_precision(precision: str = "fp32") -> None:
     """``fp32``: exact float32 maths everywhere (tokens reproduce across machines; the default).
     ``tf32``: TF32 tensor-core convolutions and matmuls on CUDA (PyTorch's own default for cuDNN convolutions, so
     what the official scripts ran): about 7-10x faster on an H100 for the released WeTok models, but about 0.5% of
-    tokens differ from the exact ones (benchmarks/README.md). No effect on CPU."""
+    tokens differ from the exact ones (benchmarks/README.md). No effect on CPU.
+    ``bf16``: ``torch.autocast(dtype=torch.bfloat16)`` around the model calls (:func:`autocast`; CUDA and CPU; the
+    official FlowMo ran so), TF32 off for what stays float32. Quantizers compute their ids / soft assignments in
+    float32 (:func:`float32_region`); tokens are mostly, not always, the fp32 ones."""
     import torch
 
     if precision not in PRECISIONS:
-        raise TokUsageError(f"unknown precision {precision!r} (use {' or '.join(PRECISIONS)})")
+        raise TokUsageError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]})")
     tf32 = precision == "tf32"
+    _BF16["on"] = precision == "bf16"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     # cuDNN autotuning picks the fastest exact algorithm per shape (2.5x for the released WeTok models at batch 8 on
@@ -48,3 +54,33 @@ def set_precision(precision: str = "fp32") -> None:
     deterministic = os.environ.get("TOK_DETERMINISTIC", "") not in ("", "0")
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
+
+
+def precision_in_effect(device) -> str:
+    """The precision the current settings give on ``device``: "bf16", "tf32" (CUDA with TF32 on) or "fp32"."""
+    import torch
+
+    if _BF16["on"]:
+        return "bf16"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return "tf32" if torch.device(device).type == "cuda" and tf32 else "fp32"
+
+
+def autocast(device):
+    """bfloat16 autocast on ``device`` when the precision is ``bf16``; otherwise a context that does nothing."""
+    import torch
+
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=_BF16["on"])
+
+
+def float32_region(x):
+    """``with float32_region(x):`` autocast off on ``x``'s device (a no-op outside autocast): for quantizer maths
+    that must stay float32 under ``bf16`` (cast the inputs with ``.float()`` inside)."""
+    import torch
+
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def as_float32(t):
+    """A floating tensor as float32 (autocast outputs are bfloat16); anything else as it is."""
+    return t.float() if getattr(t, "is_floating_point", lambda: False)() else t

@@ -86,10 +86,13 @@ class SoftVectorQuantizer(nn.Module):
         return torch.einsum("bgsd,gkd->bgsk", zg, c).reshape(z_hat.shape[0], z_hat.shape[1], self.codebook_size)
 
     def forward(self, z_hat: torch.Tensor) -> QuantOut:
-        codebook = self.codebook()
-        logits = self.similarity(z_hat, codebook)
-        probs = torch.softmax(logits / self.tau, dim=-1)
-        z = torch.einsum("bgsk,gkd->bgsd", self._split(probs), codebook).reshape(z_hat.shape)
+        from tokcli.core.device import float32_region
+
+        with float32_region(z_hat):  # under bf16 autocast the soft assignment stays float32 (no-op otherwise)
+            z_hat, codebook = z_hat.float(), self.codebook()
+            logits = self.similarity(z_hat, codebook)
+            probs = torch.softmax(logits / self.tau, dim=-1)
+            z = torch.einsum("bgsk,gkd->bgsd", self._split(probs), codebook).reshape(z_hat.shape)
         ids = first_argmax(logits.detach().reshape(-1, self.codebook_size)).view(z_hat.shape[:2])
         losses = {"entropy": self.entropy_loss(logits)} if self.training else {}
         with torch.no_grad():

@@ -186,6 +186,10 @@ DATA_KINDS: dict[str, type] = {"images": TrainData}
 
 def make_data(kind: str, recipe: Recipe, *, rank: int = 0, world_size: int = 1):
     """The data module an objective asks for (``Objective.data``), from the recipe's [data] section."""
+    if kind == "tokens" and kind not in DATA_KINDS:  # token files (generators); imported on first use
+        from tokcli.train.token_data import TokenData
+
+        DATA_KINDS[kind] = TokenData
     try:
         cls = DATA_KINDS[kind]
     except KeyError:

@@ -9,7 +9,8 @@ which is the repository root for the shipped recipes.
              for generative_decoder_stage2, or the frozen base for families that adapt one, e.g. CODA on kl-tiny),
              generative_decoder_stage2
     [data]   roots (folders, image files or .txt file lists), crop_size, random_resize = [lo, hi], batch_size,
-             workers, hflip, cache, recursive
+             workers, hflip, cache, recursive; generators: tokens (a token file or set), tokenizer and
+             crops_per_image (encode random crops of the roots into ``tokens`` first, once: train/token_data.py)
     [loss]   shared by every family: l1_weight, l2_weight, perceptual ("lpips-vgg" | "lpips-vgg-random" | "none"),
              perceptual_weight, gan_weight (0 = no GAN), disc_start, lecam_weight, lecam_decay, disc_ndf, disc_layers;
              plus the keys of the family's own section (``Family.recipe``, a dataclass extending LossSection, in
@@ -55,7 +56,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    roots: list[str]
+    roots: list[str] = field(default_factory=list)  # images; a generator's token data may need none
     crop_size: int = 256
     # The short side is resized to crop_size * s, s uniform in [lo, hi], before the random crop.
     # [1.0, 1.0] is the official "Resize(256) + RandomCrop(256)".
@@ -65,6 +66,11 @@ class DataSection:
     hflip: bool = False
     cache: bool = True  # decode every image once and keep it in memory (small data sets only)
     recursive: bool = True
+    # token data (generators, ``tokcli/train/token_data.py``): the token file / set to train on; with
+    # ``tokenizer``, the cache that random crops of ``roots`` are encoded into first (once)
+    tokens: str | None = None
+    tokenizer: str | None = None  # a model name or folder: encode crops_per_image random crops of every image
+    crops_per_image: int = 16
 
 
 @dataclass
@@ -307,7 +313,11 @@ def _check_values(r: Recipe) -> None:
     if m.generative_decoder_stage2:
         need(bool(m.init_from), "'model.generative_decoder_stage2' needs 'model.init_from' (a stage-1 model folder)")
         need(not m.model_args, "'model.model_args' must be left out in stage 2: they come from 'model.init_from'")
-    need(len(d.roots) > 0, "'data.roots' must list at least one folder, image or file list")
+    need(len(d.roots) > 0 or bool(d.tokens), "[data] needs the key 'roots', at least one folder, image or file "
+                                             "list (or, for a generator, 'tokens': a token file)")
+    need(not d.tokenizer or (bool(d.tokens) and len(d.roots) > 0),
+         "'data.tokenizer' encodes the images of 'data.roots' into the token file 'data.tokens': set both")
+    need(d.crops_per_image >= 1, f"'data.crops_per_image' must be >= 1, got {d.crops_per_image}")
     need(d.crop_size > 0, f"'data.crop_size' must be positive, got {d.crop_size}")
     need(len(d.random_resize) == 2 and 0 < d.random_resize[0] <= d.random_resize[1],
          f"'data.random_resize' must be [lo, hi] with 0 < lo <= hi, got {d.random_resize}")

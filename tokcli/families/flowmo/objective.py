@@ -13,7 +13,7 @@ The shared ``[loss]`` keys l1 / l2 / perceptual act on the one-step prediction; 
 Frobenius norm at step 0 after every optimizer step (before the EMA sees it, as official); the norms are the
 objective's state, so resume is exact. ``freeze_encoder_after`` (official 200,000; 0 = never) stops the encoder's
 gradients from that step on; unlike the official code the decoder's Adam moments are kept (the official code
-rebuilds the optimizer). Stage 1B (post-training through the k-step sampler) is not implemented yet.
+rebuilds the optimizer). Stage 1B (post-training through the k-step sampler) is post.py.
 """
 
 from __future__ import annotations
