@@ -181,3 +181,11 @@ def test_load_refuses_the_other_kind(models):
         tokcli.load_generator(tok, device="cpu")
     p = run_tok("generate", "-m", tok, "--class", "0", "-o", "x", "--device", "cpu")
     assert "load it with tokcli.load" in _one_line_error(p)
+
+
+def test_generator_cards_say_how_to_load_them(models):
+    """The folder's card tags and loads a generator as a generator, a tokenizer's as a tokenizer."""
+    tok, gen = models
+    card, tcard = (gen / "README.md").read_text(), (tok / "README.md").read_text()
+    assert "- image-generator" in card and "tokcli.load_generator(" in card
+    assert "- image-tokenizer" in tcard and "tokcli.load(" in tcard and "load_generator" not in tcard

@@ -226,12 +226,14 @@ def model_card(cfg: Mapping[str, Any], body: str = "") -> str:
     name = cfg.get("name", "model")
     prov = cfg.get("provenance", {})
     lic = prov.get("license", "other")
-    lines = ["---", "library_name: tok", f"license: {lic}", "tags:", "- image-tokenizer", f"- {cfg['family']}", "---", ""]
+    generator = isinstance(cfg.get("tokenizer"), Mapping)  # a generator folder names the tokenizer it samples for
+    tag, loader = ("image-generator", "load_generator") if generator else ("image-tokenizer", "load")
+    lines = ["---", "library_name: tok", f"license: {lic}", "tags:", f"- {tag}", f"- {cfg['family']}", "---", ""]
     if not body:
         keys = "".join(f"- {k}: `{json.dumps(v)}`\n" for k, v in cfg.items()
                        if k not in _OWN_KEYS and k not in ("training", "metrics"))
         body = (f"# {name}\n\nA `{cfg['family']}` model in the tok model-folder format.\n\n{keys}"
-                f"- source: {prov.get('source', 'unknown')}\n\nLoad it with `tokcli.load(\"local-dir:PATH\")`.\n")
+                f"- source: {prov.get('source', 'unknown')}\n\nLoad it with `tokcli.{loader}(\"local-dir:PATH\")`.\n")
     return "\n".join(lines) + body
 
 

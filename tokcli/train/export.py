@@ -68,5 +68,6 @@ def model_card(st, model, info: dict[str, Any], last: dict[str, float], weights:
             f"## Training data\n\n{st.data.card_text(info)}\n\n"
             f"## Training\n\n" + "".join(f"- {ln}\n" for ln in lines) + "\n")
     text += "".join(f"## {title}\n\n{body.strip()}\n\n" for title, body in sections.items())
-    return text + ("Load it with `tokcli.load(\"local-dir:PATH_OF_THIS_FOLDER\")`; `config.json` holds the full "
-                   "recipe under `training`.\n")
+    loader = "load" if fam.kind == "tokenizer" else "load_generator"
+    return text + (f"Load it with `tokcli.{loader}(\"local-dir:PATH_OF_THIS_FOLDER\")`; `config.json` holds the "
+                   "full recipe under `training`.\n")
