@@ -1,7 +1,7 @@
 """The direction of SoftVQ-VAE's Table 3 at small scale: the same small ViT encoder / decoder and data, three
 bottlenecks on the L latent tokens of d floats, for two token counts.
 
-    python benchmarks/softvq_table3.py --steps 1000 --json benchmarks/results/softvq_table3.json
+    python benchmarks/softvq_table3.py --steps 600 --json benchmarks/results/softvq_table3.json
 
 - ``softvq``: the soft vector quantizer (softmax(cos / tau) @ codebook, tokcli.quant.softvq) + 0.01 x entropy;
 - ``vq``: plain nearest-neighbour VQ with the straight-through estimator (tokcli.quant.vq.VectorQuantizer,
@@ -113,7 +113,7 @@ def evaluate(model: SoftVQ, x: torch.Tensor, codes: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--codes", type=int, default=1024)
