@@ -459,3 +459,17 @@ def test_model_folders_and_checkpoints_use_pid_named_temporaries(tmp_path):
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
     for name in ("config.json", "model.safetensors", "README.md"):
         assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name
+
+
+def test_a_refused_decode_or_reconstruct_leaves_no_new_folder(tiny_model, images, tmp_path):
+    """The output folder is made up front (to fail fast when it cannot be written); a run refused after that (here:
+    a sampler option the family does not take, exit 2) removes it again, and never touches a folder that was there."""
+    codes = tmp_path / "c.npz"
+    assert run_tok("encode", images, "-m", tiny_model, "-o", codes).returncode == 0
+    for args in (("decode", codes), ("reconstruct", images, "-m", tiny_model)):
+        p = run_tok(*args, "-o", tmp_path / "new", "--sampler", "bogus=1")
+        assert p.returncode == 2 and not (tmp_path / "new").exists(), p.stderr.decode()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.png").write_bytes(b"x")
+    assert run_tok("decode", codes, "-o", tmp_path / "old", "--sampler", "bogus=1").returncode == 2
+    assert (tmp_path / "old" / "keep.png").read_bytes() == b"x"

@@ -170,6 +170,21 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
+def removed_if_failed(folder: str | os.PathLike) -> Iterator[None]:
+    """A folder that a command creates (``check_writable_folder`` makes it up front) is removed again when the
+    command fails and left it empty: a refused run leaves the file system as it was."""
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty; a folder with anything in it is not ours to remove
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in dest's folder; on success it is renamed to ``dest``, on error removed.
 
