@@ -33,8 +33,21 @@ def coda_config() -> dict:
 @pytest.fixture(scope="session")
 def coda_expected() -> dict:
     """The CODA parity set's expected arrays (read once per session; tests must not modify them)."""
-    with np.load(CODA_PARITY / "expected.npz", allow_pickle=False) as z:
+    return read_npz(CODA_PARITY / "expected.npz")
+
+
+def read_npz(path: Path) -> dict:
+    """Every array of a fixture ``.npz`` (read without pickle)."""
+    with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def convert_fixture(tmp_path_factory, source: Path, family: str, config: Path, name: str) -> Path:
+    """``tok convert SOURCE --family FAMILY --config CONFIG`` into a fresh folder ``name``; the conversion must work."""
+    dest = tmp_path_factory.mktemp(family) / name
+    p = run_tok("convert", source, "--family", family, "--config", config, "-o", dest)
+    assert p.returncode == 0, p.stderr.decode()
+    return dest
 
 
 def make_model_folder(dest: Path, args: dict, seed: int = 0, name: str | None = None) -> Path:

@@ -194,7 +194,7 @@ def check_header(model, header: dict[str, Any], *, force: bool = False) -> int:
     return size
 
 
-def _progress(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, quiet: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=quiet, dynamic_ncols=True, leave=False)
@@ -215,7 +215,7 @@ def _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet,
     from tokcli.core.device import as_float32, autocast
     from tokcli.core.images import iter_batches, to_tensor
 
-    bar = _progress(len(items), "encode", quiet)
+    bar = progress_bar(len(items), "encode", quiet)
     stats: dict[str, int] = {}
     done = 0
     try:
@@ -272,7 +272,7 @@ def encode(model, items, *, ref: str, output: str | Path, image_size: int | None
     return res
 
 
-def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=None, sampler=None):
+def decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=None, sampler=None):
     """Decode one batch; stochastic decoders seed image i with ``seed + start + i`` (its index in the file), or
     with ``seed + positions[i]`` when the caller knows the images' global positions (sharded runs). ``sampler``:
     keywords for ``model.decode``."""
@@ -291,16 +291,17 @@ def _decode_batch(model, tokens: np.ndarray, start: int, seed: int, positions=No
         return as_float32(model.decode(t, **(sampler or {})))
 
 
-class _Stage:
+class Stage:
     """The PNGs of one run, written under a hidden ``.tok-stage.tmp-<pid>-<random>`` folder inside ``out_dir`` and
     moved to their places by :meth:`commit`; :meth:`abort` removes them (the previous outputs stay as they were)."""
 
     def __init__(self, out_dir: Path):
-        from tokcli.core.atomic import remove_stale_temps, temp_dir
+        from tokcli.core.atomic import make_folder, remove_stale_temps, temp_dir
 
         self.out_dir = out_dir
         self.created = not out_dir.exists()
         check_output_folder(out_dir)
+        make_folder(out_dir)
         remove_stale_temps(out_dir, again=True)
         self.dir = temp_dir(out_dir, "tok-stage")
         self.moves: list[tuple[Path, Path]] = []
@@ -332,7 +333,7 @@ class _Stage:
                 pass
 
 
-def _write_pngs(stage: _Stage, keys: Iterable[str], images, res: Result) -> None:
+def write_pngs(stage: Stage, keys: Iterable[str], images, res: Result) -> None:
     from tokcli.core.images import output_path, to_uint8
 
     arr = to_uint8(images)
@@ -355,12 +356,12 @@ def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed:
     arr = token_file.array
     out_dir = Path(out_dir)
     output_paths(out_dir, res.keys)
-    stage = _Stage(out_dir)
-    bar = _progress(len(arr), "decode", quiet)
+    stage = Stage(out_dir)
+    bar = progress_bar(len(arr), "decode", quiet)
     try:
         for s in range(0, len(arr), batch_size):
-            imgs = _decode_batch(model, arr[s:s + batch_size], s, seed, sampler=sampler)
-            _write_pngs(stage, res.keys[s:s + batch_size], imgs, res)
+            imgs = decode_batch(model, arr[s:s + batch_size], s, seed, sampler=sampler)
+            write_pngs(stage, res.keys[s:s + batch_size], imgs, res)
             bar.update(len(imgs))
         stage.commit()
     except BaseException:
@@ -398,17 +399,17 @@ def reconstruct(model, items, out_dir: str | Path, *, image_size: int | None = N
         from tokcli.core.images import output_paths
 
         output_paths(Path(out_dir), [it.key for it in items])  # two inputs that would write one PNG: refuse up front
-        stage = _Stage(Path(out_dir))
+        stage = Stage(Path(out_dir))
     try:
         for keys, imgs, tok in _encode_batches(model, items, size, batch_size, workers, skip_errors, quiet, res,
                                                posterior, positions):
             start = len(res.keys)
             res.keys.extend(keys)
             stored = stored_tokens(tok, latent_dtype)
-            recon = _decode_batch(model, stored, start, seed,
+            recon = decode_batch(model, stored, start, seed,
                                   [positions[k] for k in keys] if positions is not None else None, sampler)
             if stage is not None:
-                _write_pngs(stage, keys, recon, res)
+                write_pngs(stage, keys, recon, res)
             if on_batch is not None:
                 on_batch(keys, imgs, recon, stored)
         if not res.keys:

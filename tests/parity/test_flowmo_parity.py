@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PARITY, run_tok
+from conftest import PARITY, convert_fixture, read_npz, run_tok
 
 FLOWMO = PARITY / "flowmo"
 TOL = 1e-4  # the fixture README's tolerance for a re-implementation in fp32
@@ -21,17 +21,13 @@ pytestmark = pytest.mark.skipif(not (FLOWMO / "expected.npz").is_file(),
 
 @pytest.fixture(scope="module")
 def expected() -> dict:
-    with np.load(FLOWMO / "expected.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(FLOWMO / "expected.npz")
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("flowmo") / "flowmo-fixture"
-    p = run_tok("convert", FLOWMO / "checkpoint.pth", "--family", "flowmo", "--config", FLOWMO / "config.yaml",
-                "-o", dest)
-    assert p.returncode == 0, p.stderr.decode()
-    return dest
+    return convert_fixture(tmp_path_factory, FLOWMO / "checkpoint.pth", "flowmo", FLOWMO / "config.yaml",
+                           "flowmo-fixture")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PARITY, run_tok
+from conftest import PARITY, convert_fixture, read_npz, run_tok
 
 SIT = PARITY / "softvq-sit"
 CKPT = SIT / "checkpoint"
@@ -21,27 +21,19 @@ pytestmark = pytest.mark.skipif(not (SIT / "expected.npz").is_file(),
                                 reason=f"SiT parity fixture not found at {SIT} (set TOK_PARITY_DIR)")
 
 
-def _npz(name: str) -> dict:
-    with np.load(SIT / name, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 @pytest.fixture(scope="module")
 def inputs() -> dict:
-    return _npz("inputs.npz")
+    return read_npz(SIT / "inputs.npz")
 
 
 @pytest.fixture(scope="module")
 def expected() -> dict:
-    return _npz("expected.npz")
+    return read_npz(SIT / "expected.npz")
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("sit") / "sit-fixture"
-    p = run_tok("convert", CKPT / "model.safetensors", "--family", "sit", "--config", CKPT / "config.json", "-o", dest)
-    assert p.returncode == 0, p.stderr.decode()
-    return dest
+    return convert_fixture(tmp_path_factory, CKPT / "model.safetensors", "sit", CKPT / "config.json", "sit-fixture")
 
 
 @pytest.fixture(scope="module")

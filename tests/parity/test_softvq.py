@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PARITY, assert_decode_equals_reconstruct, run_tok
+from conftest import PARITY, assert_decode_equals_reconstruct, convert_fixture, read_npz, run_tok
 
 SOFTVQ = PARITY / "softvq"
 CKPT = SOFTVQ / "checkpoint"
@@ -21,17 +21,13 @@ pytestmark = pytest.mark.skipif(not (SOFTVQ / "expected.npz").is_file(),
 
 @pytest.fixture(scope="module")
 def expected() -> dict:
-    with np.load(SOFTVQ / "expected.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(SOFTVQ / "expected.npz")
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("softvq") / "softvq-fixture"
-    p = run_tok("convert", CKPT / "model.safetensors", "--family", "softvq", "--config", CKPT / "config.json",
-                "-o", dest)
-    assert p.returncode == 0, p.stderr.decode()
-    return dest
+    return convert_fixture(tmp_path_factory, CKPT / "model.safetensors", "softvq", CKPT / "config.json",
+                           "softvq-fixture")
 
 
 @pytest.fixture(scope="module")

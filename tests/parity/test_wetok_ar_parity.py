@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PARITY, run_tok
+from conftest import PARITY, convert_fixture, read_npz, run_tok
 
 AR = PARITY / "wetok-ar"
 CKPT, CONFIG = AR / "WeTok_AR.ckpt", AR / "config.yaml"
@@ -24,27 +24,19 @@ pytestmark = pytest.mark.skipif(not (AR / "expected.npz").is_file(),
                                 reason=f"WeTok AR parity fixture not found at {AR} (set TOK_PARITY_DIR)")
 
 
-def _npz(name: str) -> dict:
-    with np.load(AR / name, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 @pytest.fixture(scope="module")
 def inputs() -> dict:
-    return _npz("inputs.npz")
+    return read_npz(AR / "inputs.npz")
 
 
 @pytest.fixture(scope="module")
 def expected() -> dict:
-    return _npz("expected.npz")
+    return read_npz(AR / "expected.npz")
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("wetok-ar") / "wetok-ar-fixture"
-    p = run_tok("convert", CKPT, "--family", "wetok_ar", "--config", CONFIG, "-o", dest)
-    assert p.returncode == 0, p.stderr.decode()
-    return dest
+    return convert_fixture(tmp_path_factory, CKPT, "wetok_ar", CONFIG, "wetok-ar-fixture")
 
 
 @pytest.fixture(scope="module")

@@ -92,9 +92,7 @@ def decode_cmd(
     quiet: QuietOpt = False,
 ):
     """Decode a token file back to PNG images."""
-    from tokcli.core.atomic import removed_if_failed
-
-    with cli_errors(), removed_if_failed(output):
+    with cli_errors():
         from tokcli import pipeline
         from tokcli.core.tokens import read_token_file
 
@@ -126,9 +124,7 @@ def reconstruct_cmd(
     quiet: QuietOpt = False,
 ):
     """Encode then decode images (same code path as encode + decode), writing PNGs that mirror the input tree."""
-    from tokcli.core.atomic import removed_if_failed
-
-    with cli_errors(), removed_if_failed(output):
+    with cli_errors():
         from tokcli import pipeline
 
         options = sampler_options(steps, cfg, sampler)

@@ -160,28 +160,21 @@ def check_writable_file(dest: str | os.PathLike) -> Path:
 
 
 def check_writable_folder(folder: str | os.PathLike) -> Path:
-    """Before any work: ``folder`` exists (created) and takes new files. TokError else."""
-    folder = make_folder(folder)
+    """Before any work: ``folder`` is, or can be made, a folder that takes new files. TokError else. The folders
+    made for the check are removed again (the run makes them when it writes), so a run refused later leaves the
+    file system as it was."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
+        make_folder(folder)
         temp_file(folder, "check").unlink()
     except OSError as e:
         raise TokError(os_error_message(e, folder)) from None
-    return folder
-
-
-@contextlib.contextmanager
-def removed_if_failed(folder: str | os.PathLike) -> Iterator[None]:
-    """A folder that a command creates (``check_writable_folder`` makes it up front) is removed again when the
-    command fails and left it empty: a refused run leaves the file system as it was."""
-    folder = Path(folder)
-    existed = folder.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed:
+    finally:
+        for p in made:
             with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty; a folder with anything in it is not ours to remove
-        raise
+                p.rmdir()
+    return folder
 
 
 @contextlib.contextmanager

@@ -102,6 +102,20 @@ class TokModel(nn.Module):
             model.requires_grad_(False)
         return model.to(device).eval() if inference else model.to(device)
 
+    @classmethod
+    def from_state(cls, model_args: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
+                   what: str) -> "TokModel":
+        """``cls(**model_args)`` holding ``state`` (a converter's tensors, already renamed): built on the meta
+        device (no random init, no copy), the names and shapes compared first (one TokError, ``what: <problems>``),
+        then loaded strictly by assignment. Returned in eval mode."""
+        with torch.device("meta"):
+            model = cls(**model_args)
+        problems = state_mismatch(model, state)
+        if problems:
+            raise TokError(f"{what}: {problems}")
+        model.load_state_dict(dict(state), strict=True, assign=True)
+        return model.eval()
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], *, source: Any = "the weights") -> None:
         """Strict load with one clear error naming what is missing or unexpected."""
         missing, unexpected = self.load_state_dict(dict(state_dict), strict=False)
@@ -181,6 +195,17 @@ def registration_budget(header: Mapping[str, tuple[str, tuple[int, ...]]], folde
     finally:
         for h in handles:
             h.remove()
+
+
+def state_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``model`` ("2 missing: a, b; 1 of another shape: ..."), or ""."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    shapes = [f"{k} {list(state[k].shape)} in the file vs {list(want[k])} per the config"
+              for k in sorted(set(want) & set(state)) if tuple(state[k].shape) != want[k]]
+    return "; ".join(f"{len(x)} {label}: {', '.join(x[:4])}{' …' if len(x) > 4 else ''}"
+                     for label, x in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+                     if x)
 
 
 def _construct(klass, args: dict[str, Any], folder: ModelFolder):

@@ -89,6 +89,12 @@ class Generator(TokModel):
     def num_classes(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def null_class(self) -> int | None:
+        """The label of the unconditional branch (the label table's last row, there when labels were dropped in
+        training: ``class_dropout_prob > 0``), None for a model without one (no CFG)."""
+        return self.num_classes if self.model_args["class_dropout_prob"] > 0 else None
+
     def _sample(self, labels: torch.Tensor, *, seeds: list[int], noise: Any, **sampler) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 

@@ -118,8 +118,8 @@ def generate(gen, tokenizer, keys: list[str], labels: list[int], out_dir: str | 
     check_outputs(out_dir, keys, tokens_out)
     precision = pipeline.apply_precision(tokenizer, "fp32")
     res = GenerateResult(keys=list(keys), labels=list(labels))
-    stage = pipeline._Stage(Path(out_dir))
-    bar = pipeline._progress(len(keys), "generate", quiet)
+    stage = pipeline.Stage(Path(out_dir))
+    bar = pipeline.progress_bar(len(keys), "generate", quiet)
     chunks = []
     try:
         for s in range(0, len(keys), batch_size):
@@ -128,8 +128,8 @@ def generate(gen, tokenizer, keys: list[str], labels: list[int], out_dir: str | 
             stored = pipeline.stored_tokens(gen.tokens_for(samples, tokenizer), "float32"
                                             if tokenizer.spec.kind == "latents" else None)
             chunks.append(stored)
-            imgs = pipeline._decode_batch(tokenizer, stored, s, 0)
-            pipeline._write_pngs(stage, keys[s:s + len(y)], imgs, res)
+            imgs = pipeline.decode_batch(tokenizer, stored, s, 0)
+            pipeline.write_pngs(stage, keys[s:s + len(y)], imgs, res)
             bar.update(len(y))
         res.tokens = np.concatenate(chunks)
         if tokens_out is not None:

@@ -166,30 +166,6 @@ def model_args_for(state, cfg, registry: Mapping[str, Any] | None, name: str | N
     return args, {**DECODE_DEFAULTS, **decode}
 
 
-def check_state(model, state: Mapping[str, Any], path: Path) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    shapes = [f"{k} {list(state[k].shape)} vs {list(want[k])}" for k in sorted(set(want) & set(state))
-              if tuple(state[k].shape) != want[k]]
-    parts = [f"{len(x)} {what}: {', '.join(x[:3])}{' …' if len(x) > 3 else ''}"
-             for what, x in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if x]
-    if parts:
-        raise TokError(f"{path.name} does not fit the FlowMo model its config describes: " + "; ".join(parts))
-
-
-def build_loaded(args: Mapping[str, Any], state: Mapping[str, Any], path: Path):
-    """The model with the checkpoint's tensors (built on the meta device: no random init, no copy)."""
-    import torch
-
-    from tokcli.families.flowmo.model import FlowMo
-
-    with torch.device("meta"):
-        model = FlowMo(**args)
-    check_state(model, state, path)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    return model.eval()
-
-
 def _card(name: str, model, path: Path) -> str:
     a, q = model.model_args, model.quantizer
     return (f"# {name}\n\nA FlowMo tokenizer converted by `{CONVERTER}` from `{path}` (EMA weights; official "
@@ -216,7 +192,10 @@ def convert_official(source: str | os.PathLike, config: str | os.PathLike | None
     state = read_checkpoint(path)
     what = str(cpath) if cpath is not None else f"the registry entry {name}"
     args, decode = model_args_for(state, cfg, model_args, name, what)
-    model = build_loaded(args, state, path)
+    from tokcli.families.flowmo.model import FlowMo
+
+    model = FlowMo.from_state(args, {k: v.float() for k, v in state.items()},
+                              what=f"{path.name} does not fit the FlowMo model its config describes")
     model.decode_defaults = decode
     prov = {"source": str(path), "source_sha256": sha256_file(path), "converter": CONVERTER,
             "official_code": OFFICIAL_REPO, "weights": STATE_KEY, **(provenance or {})}

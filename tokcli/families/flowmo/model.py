@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tokcli.core.model_args import complete, integer
 from tokcli.errors import TokError
 from tokcli.families.base import TokenSpec, Tokenizer
 from tokcli.families.flowmo import sampler as fm_sampler
@@ -44,13 +45,6 @@ _INTS = ("image_size", "patch_size", "code_length", "context_dim", "codebook_siz
 DECODE_DEFAULTS: dict[str, Any] = {"seed": 0, "steps": 25, "cfg": 1.5, "schedule": "pow_0.25",
                                    "cfg_interval": [0.17, 1.02]}
 BIT_LAYOUT = "flowmo-strided-lsb"
-
-
-def _int(a: dict, k: str) -> int:
-    v = a[k]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or int(v) < 1:
-        raise TokError(f"FlowMo model_args {k} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 def _axes(a: dict, side: str) -> list[int]:
@@ -75,12 +69,9 @@ def _axes(a: dict, side: str) -> list[int]:
 
 def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
     """Checked, complete model_args (defaults filled in, RoPE splits resolved)."""
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise TokError(f"unknown FlowMo model_args {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
-    a = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+    a = complete("FlowMo", args, (), DEFAULTS)
     for k in _INTS:
-        a[k] = _int(a, k)
+        a[k] = integer("FlowMo", k, a[k])
     for k in ("mlp_ratio", "theta"):
         if isinstance(a[k], bool) or not isinstance(a[k], (int, float)) or not (0 < a[k] < math.inf):
             raise TokError(f"FlowMo model_args {k} must be a positive number, got {a[k]!r}")

@@ -137,33 +137,6 @@ def map_official(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_state(model, state: Mapping[str, Any], weights: Path, config: Path) -> None:
-    """One error listing the tensors missing, unexpected or of another shape than the config describes."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k} {list(state[k].shape)} in the file vs {list(want[k])} per the config"
-              for k in sorted(set(want) & set(state)) if tuple(state[k].shape) != want[k]]
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{len(x)} {what}: {', '.join(x[:4])}{' …' if len(x) > 4 else ''}"
-             for what, x in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if x]
-    raise TokError(f"{weights.name} does not match {config}: " + "; ".join(parts))
-
-
-def build_loaded(args: Mapping[str, Any], state: Mapping[str, Any], weights: Path, config: Path):
-    """The SoftVQ model with the checkpoint's tensors (built on the meta device: no random init, no copy)."""
-    import torch
-
-    from tokcli.families.softvq.model import SoftVQ
-
-    with torch.device("meta"):
-        model = SoftVQ(**args)
-    check_state(model, state, weights, config)
-    model.load_state_dict(dict(state), strict=True, assign=True)
-    return model.eval()
-
-
 def _card(name: str, model, weights: Path) -> str:
     a = model.model_args
     return (f"# {name}\n\nA SoftVQ-VAE release converted by `{CONVERTER}` from `{weights}` (official code: "
@@ -186,7 +159,9 @@ def convert_official(source: str | os.PathLike, config: str | os.PathLike | None
     cfg = read_config(cpath)
     state = read_weights(weights)
     args, ignored = model_args_from_config(cfg, state.keys(), model_args, name)
-    model = build_loaded(args, map_official(state), weights, cpath)
+    from tokcli.families.softvq.model import SoftVQ
+
+    model = SoftVQ.from_state(args, map_official(state), what=f"{weights.name} does not match {cpath}")
     dropped = sorted({p for k in state for p in DROPPED if k.startswith(p)})
     prov = {"source": str(weights), "source_sha256": sha256_file(weights), "source_config": str(cpath),
             "source_config_sha256": sha256_file(cpath), "converter": CONVERTER, "official_code": OFFICIAL_REPO,

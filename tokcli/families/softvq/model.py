@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokcli.core.model_args import complete
 from tokcli.errors import TokError
 from tokcli.families.base import TokenSpec, Tokenizer
 
@@ -59,14 +60,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
     """Checked, complete model_args (defaults filled in, depths resolved from the timm names)."""
     from tokcli.nn.vit import vit_arch
 
-    unknown = sorted(set(args) - set(DEFAULTS) - set(REQUIRED))
-    if unknown:
-        raise TokError(f"unknown SoftVQ model_args {', '.join(unknown)} (known: "
-                       f"{', '.join(REQUIRED + tuple(DEFAULTS))})")
-    missing = [k for k in REQUIRED if args.get(k) is None]
-    if missing:
-        raise TokError(f"SoftVQ model_args need {', '.join(missing)}")
-    a = {**{k: args[k] for k in REQUIRED}, **DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+    a = complete("SoftVQ", args, REQUIRED, DEFAULTS)
     for k in _INTS:
         a[k] = _number(a, k, int)
         if a[k] < 1:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokcli.core.model_args import complete, integer, non_negative
 from tokcli.errors import TokError
 from tokcli.gen.base import Generator
 from tokcli.nn.embed import LabelEmbedder
@@ -48,21 +49,12 @@ DEFAULTS: dict[str, Any] = {"levels": None, "mlp_ratio": 4.0, "class_dropout_pro
 SAMPLE_DEFAULTS: dict[str, Any] = {"steps": 8, "cfg": 1.0, "temperature": 4.5, "seed": 0}
 
 
-def _int(k: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < minimum:
-        raise TokError(f"maskgit model_args {k} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
+def _int(k: str, v: Any) -> int:
+    return integer("maskgit", k, v)
 
 
 def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(args) - set(REQUIRED) - set(DEFAULTS))
-    if unknown:
-        raise TokError(f"unknown maskgit model_args {', '.join(unknown)} (known: "
-                       f"{', '.join(REQUIRED + tuple(DEFAULTS))})")
-    missing = [k for k in REQUIRED if args.get(k) is None]
-    if missing:
-        raise TokError(f"maskgit model_args need {', '.join(missing)}")
-    a = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+    a = complete("maskgit", args, REQUIRED, DEFAULTS)
     shape = a["token_shape"]
     if not isinstance(shape, (list, tuple)) or not shape:
         raise TokError(f"maskgit token_shape must be a list of sizes, got {shape!r}")
@@ -72,10 +64,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
     if a["hidden_size"] % a["num_heads"]:
         raise TokError(f"maskgit hidden_size {a['hidden_size']} is not a multiple of num_heads {a['num_heads']}")
     for k in ("mlp_ratio", "class_dropout_prob", "dropout"):
-        v = a[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise TokError(f"maskgit model_args {k} must be a non-negative number, got {v!r}")
-        a[k] = float(v)
+        a[k] = non_negative("maskgit", k, a[k])
     if a["class_dropout_prob"] >= 1 or a["dropout"] >= 1:
         raise TokError("maskgit class_dropout_prob and dropout must be < 1")
     if a["levels"] is not None:
@@ -135,10 +124,6 @@ class MaskGIT(Generator):
     @property
     def num_classes(self) -> int:
         return self.model_args["num_classes"]
-
-    @property
-    def null_class(self) -> int | None:
-        return self.num_classes if self.model_args["class_dropout_prob"] > 0 else None
 
     def positions(self) -> torch.Tensor:
         """[T, hidden]: the learned position of every id in the flattened order (see the module docstring)."""

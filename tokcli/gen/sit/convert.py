@@ -113,31 +113,6 @@ def model_args_from_config(cfg: Mapping[str, Any], state: Mapping[str, Any], pat
     return args, sorted(set(cfg) - set(CONFIG_KEYS))
 
 
-def check_state(model, state: Mapping[str, Any], weights: Path, config: Path) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k} {list(state[k].shape)} in the file vs {list(want[k])} per the config"
-              for k in sorted(set(want) & set(state)) if tuple(state[k].shape) != want[k]]
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{len(x)} {what}: {', '.join(x[:4])}{' …' if len(x) > 4 else ''}"
-             for what, x in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if x]
-    raise TokError(f"{weights.name} does not match {config}: " + "; ".join(parts))
-
-
-def build_loaded(args: Mapping[str, Any], state: Mapping[str, Any], weights: Path, config: Path):
-    import torch
-
-    from tokcli.gen.sit.model import SiT
-
-    with torch.device("meta"):
-        model = SiT(**args)
-    check_state(model, state, weights, config)
-    model.load_state_dict(dict(state), strict=True, assign=True)
-    return model.eval()
-
-
 def tokenizer_ref(gen_name: str | None) -> dict[str, Any]:
     """The folder's ``tokenizer`` block: the SoftVQ registry name of a released generator, with the sha256 of its
     converted folder when there is one on this machine (else null: checked when it is first used)."""
@@ -171,7 +146,9 @@ def convert_official(source: str | os.PathLike, config: str | os.PathLike | None
     cfg = read_config(cpath)
     state = read_weights(weights)
     args, ignored = model_args_from_config(cfg, state, cpath, model_args, name)
-    model = build_loaded(args, state, weights, cpath)
+    from tokcli.gen.sit.model import SiT
+
+    model = SiT.from_state(args, state, what=f"{weights.name} does not match {cpath}")
     name = name or dest.name
     model.tokenizer_ref = tokenizer_ref((provenance or {}).get("registry_name") or name)
     prov = {"source": str(weights), "source_sha256": sha256_file(weights), "source_config": str(cpath),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokcli.core.model_args import complete, integer, non_negative
 from tokcli.errors import TokError
 from tokcli.gen.base import Generator
 from tokcli.nn.embed import LabelEmbedder
@@ -36,23 +37,11 @@ SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "sde", "steps": 250, "cfg": 1.75, 
 
 
 def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(args) - set(REQUIRED) - set(DEFAULTS))
-    if unknown:
-        raise TokError(f"unknown SiT model_args {', '.join(unknown)} (known: {', '.join(REQUIRED + tuple(DEFAULTS))})")
-    missing = [k for k in REQUIRED if args.get(k) is None]
-    if missing:
-        raise TokError(f"SiT model_args need {', '.join(missing)}")
-    a = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+    a = complete("SiT", args, REQUIRED, DEFAULTS)
     for k in (*REQUIRED, "num_classes"):
-        v = a[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-            raise TokError(f"SiT model_args {k} must be a positive integer, got {v!r}")
-        a[k] = int(v)
+        a[k] = integer("SiT", k, a[k])
     for k in ("mlp_ratio", "class_dropout_prob"):
-        v = a[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise TokError(f"SiT model_args {k} must be a non-negative number, got {v!r}")
-        a[k] = float(v)
+        a[k] = non_negative("SiT", k, a[k])
     if a["hidden_size"] % a["num_heads"]:
         raise TokError(f"SiT hidden_size {a['hidden_size']} is not a multiple of num_heads {a['num_heads']}")
     if a["hidden_size"] % 2:
@@ -155,11 +144,6 @@ class SiT(Generator):
     @property
     def num_classes(self) -> int:
         return self.model_args["num_classes"]
-
-    @property
-    def null_class(self) -> int | None:
-        """The label of the unconditional branch (the table's last row), None for a model without one."""
-        return self.num_classes if self.model_args["class_dropout_prob"] > 0 else None
 
     @property
     def latent_shape(self) -> tuple[int, int]:

@@ -29,11 +29,10 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from tokcli.core.atomic import check_overwrite
+from tokcli.core.atomic import check_overwrite, temp_dir
 from tokcli.core.checkpoint import ModelFolder, sha256_file
 from tokcli.errors import TokError
 
@@ -191,19 +190,6 @@ def model_args_from_config(gpt: Mapping[str, Any], state: Mapping[str, Any], pat
     return args, sorted(set(gpt) - set(GPT_KEYS))
 
 
-def check_state(model, state: Mapping[str, Any], ckpt: Path, config: Path) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    shapes = [f"{k} {list(state[k].shape)} in the file vs {list(want[k])} per the config"
-              for k in sorted(set(want) & set(state)) if tuple(state[k].shape) != want[k]]
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{len(x)} {what}: {', '.join(x[:4])}{' …' if len(x) > 4 else ''}"
-             for what, x in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if x]
-    raise TokError(f"{ckpt.name} (transformer.*) does not match {config}: " + "; ".join(parts))
-
-
 def split_state(sd: Mapping[str, Any], ckpt: Path) -> tuple[dict, dict, int]:
     """(GPT tensors without their prefix, first-stage tensors without theirs, stale KV-cache buffers dropped)."""
     import torch
@@ -225,18 +211,6 @@ def split_state(sd: Mapping[str, Any], ckpt: Path) -> tuple[dict, dict, int]:
         raise TokError(f"{ckpt.name} has {len(other)} unexpected tensors outside transformer.* / first_stage_model.*: "
                        f"{', '.join(sorted(other)[:4])}")
     return gpt, first, stale
-
-
-def build_generator(args: Mapping[str, Any], state: Mapping[str, Any], ckpt: Path, config: Path):
-    import torch
-
-    from tokcli.gen.wetok_ar.model import WeTokAR
-
-    with torch.device("meta"):
-        model = WeTokAR(**args)
-    check_state(model, state, ckpt, config)
-    model.load_state_dict(dict(state), strict=True, assign=True)
-    return model.eval()
 
 
 def build_tokenizer(first: Mapping[str, Any], state: Mapping[str, Any], gen, config: Path):
@@ -301,7 +275,9 @@ def convert_official(source: str | os.PathLike, config: str | os.PathLike | None
     args, ignored = model_args_from_config(gpt_cfg, gpt_sd, cpath)
     if model_args:
         args.update(model_args)
-    gen = build_generator(args, gpt_sd, ckpt, cpath)
+    from tokcli.gen.wetok_ar.model import WeTokAR
+
+    gen = WeTokAR.from_state(args, gpt_sd, what=f"{ckpt.name} (transformer.*) does not match {cpath}")
     tok, n_ema, n_raw = build_tokenizer(first_cfg, first_sd, gen, cpath)
     name = name or dest.name
     src = {"source": str(ckpt), "source_sha256": sha256_file(ckpt), "source_config": str(cpath),
@@ -311,7 +287,7 @@ def convert_official(source: str | os.PathLike, config: str | os.PathLike | None
                 "dropped_tensors": len(first_sd) - n_ema - n_raw}
     inner = tokenizer_out is None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tokenizer-", dir=dest.parent)) if inner else None
+    tmp = temp_dir(dest.parent, dest.name + ".tokenizer") if inner else None
     try:
         tdest = tmp / "tokenizer" if inner else check_overwrite(tokenizer_out, overwrite)
         tfolder = _save_tokenizer(tok, tdest, f"{name}-tokenizer", ckpt, tok_prov, overwrite or inner)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcli.core.model_args import complete, integer, non_negative
 from tokcli.errors import TokError
 from tokcli.gen.base import Generator
 from tokcli.nn.embed import LabelEmbedder
@@ -51,21 +52,11 @@ _RATES = ("class_dropout_prob", "token_drop", "resid_dropout_p", "attn_dropout_p
 
 
 def _positive_int(k: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < minimum:
-        raise TokError(f"wetok_ar model_args {k} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
+    return integer("wetok_ar", k, v, minimum)
 
 
 def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(args) - set(REQUIRED) - set(DEFAULTS))
-    if unknown:
-        raise TokError(f"unknown wetok_ar model_args {', '.join(unknown)} (known: "
-                       f"{', '.join(REQUIRED + tuple(DEFAULTS))})")
-    missing = [k for k in REQUIRED if args.get(k) is None]
-    if missing:
-        raise TokError(f"wetok_ar model_args need {', '.join(missing)}")
-    given = {k: v for k, v in args.items() if v is not None}
-    a = {k: given.get(k, DEFAULTS.get(k)) for k in REQUIRED + tuple(DEFAULTS)}
+    a = complete("wetok_ar", args, REQUIRED, DEFAULTS)
     for k in _INTS:
         a[k] = _positive_int(k, a[k], 0 if k.endswith("n_layer") else 1)
     bits = a["factorized_bits"]
@@ -80,9 +71,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
         v = a[k]
         if v is None and k == "ffn_dim_multiplier":
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise TokError(f"wetok_ar model_args {k} must be a non-negative number, got {v!r}")
-        a[k] = float(v)
+        a[k] = non_negative("wetok_ar", k, v)
     grid = math.isqrt(a["block_size"])
     if grid * grid != a["block_size"]:
         raise TokError(f"wetok_ar block_size {a['block_size']} is not a square (a grid x grid image)")
@@ -158,10 +147,6 @@ class WeTokAR(Generator):
     @property
     def num_classes(self) -> int:
         return self.model_args["class_num"]
-
-    @property
-    def null_class(self) -> int | None:
-        return self.num_classes if self.model_args["class_dropout_prob"] > 0 else None
 
     @property
     def grid(self) -> int:
