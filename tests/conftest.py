@@ -142,10 +142,11 @@ def assert_decode_equals_reconstruct(codes: Path, imgs: Path, model, out: Path, 
 
 
 # --- FlowMo unit fixtures ----------------------------------------------------------------------------------------
-# a FlowMo small enough to sample in milliseconds: 16 px, patch 4, 4 positions x 6 bits (8 ids of 3 bits)
+# a FlowMo small enough to sample in milliseconds: 16 px, patch 4, 4 positions x 6 bits (8 ids of 3 bits); the
+# decoder is wider than a patch's 48 values, as training requires (families/flowmo/objective.check_decoder_width)
 FLOWMO_TINY = {"image_size": 16, "patch_size": 4, "code_length": 4, "context_dim": 6,
                "codebook_size_for_entropy": 3, "enc_hidden_size": 32, "enc_num_heads": 1, "enc_depth": 1,
-               "dec_hidden_size": 32, "dec_num_heads": 1, "dec_depth": 1}
+               "dec_hidden_size": 64, "dec_num_heads": 2, "dec_depth": 1}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_train import _assert_same, make_blobs, read_metrics
 
 ARGS = {"image_size": 16, "patch_size": 4, "code_length": 4, "context_dim": 6, "codebook_size_for_entropy": 3,
-        "enc_hidden_size": 32, "enc_num_heads": 1, "enc_depth": 1, "dec_hidden_size": 32, "dec_num_heads": 1,
+        "enc_hidden_size": 32, "enc_num_heads": 1, "enc_depth": 1, "dec_hidden_size": 64, "dec_num_heads": 2,
         "dec_depth": 1}
 
 
@@ -88,3 +88,14 @@ def test_encoder_freezes_after_the_given_step(blobs, tmp_path):
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in enc)  # renormalised, not trained
     assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("decoder.")) > 1e-4
     assert "entropy" not in read_metrics(run)[-1] and "entropy" in read_metrics(run)[0]
+
+
+def test_a_decoder_narrower_than_a_patch_is_refused(blobs, tmp_path):
+    # patch 4 -> 48 values per patch; a width-32 decoder could never remove the noise from its samples
+    narrow = {**ARGS, "dec_hidden_size": 32, "dec_num_heads": 1}
+    recipe = write_recipe(tmp_path / "narrow.toml", blobs, model={"model_args": narrow})
+    p = run_tok("train", recipe, "-o", tmp_path / "run", "-q")
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert "dec_hidden_size 32 is below a patch's 3 x 4^2 = 48 values" in err, err
+    assert not (tmp_path / "run").exists()

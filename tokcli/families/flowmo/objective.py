@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from tokcli.errors import TokUsageError
 from tokcli.losses.reconstruction import ReconstructionObjective
 from tokcli.train.recipe import LossSection
 
@@ -66,6 +67,17 @@ def sample_t(n: int, schedule: str, device) -> torch.Tensor:
     return t
 
 
+def check_decoder_width(a: Mapping[str, Any]) -> None:
+    """Refuse to train a decoder narrower than a patch: its output v = z - x must carry the noise z, and a linear
+    readout of rank ``dec_hidden_size`` < 3 p^2 leaves the rest of z in every sample, whatever the training length
+    (a 64 px / patch-8 / width-128 demo sampled at 9.6 dB for that reason)."""
+    p, width = a["patch_size"], a["dec_hidden_size"]
+    if width < 3 * p * p:
+        raise TokUsageError(f"FlowMo dec_hidden_size {width} is below a patch's 3 x {p}^2 = {3 * p * p} values: the "
+                            f"decoder's velocity could not carry the noise; use dec_hidden_size >= {3 * p * p} or a "
+                            f"smaller patch_size")
+
+
 def norm_fixed_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every Linear weight inside ``double_blocks`` (qkv, proj, MLPs and the AdaLN linears), by name."""
     return {f"{name}.weight": m.weight for name, m in model.named_modules()
@@ -80,6 +92,7 @@ class FlowMoObjective(ReconstructionObjective):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Freeze what never gets a gradient (the encoder's timestep-only tensors and the image stream after its
         last attention, the decoder's txt readout): no change to the maths, and DDP sees no unused parameter."""
+        check_decoder_width(model.model_args)
         last = model.encoder.double_blocks[-1]
         for m in (model.encoder.time_in, model.encoder.final_layer_txt.adaLN_modulation,
                   model.encoder.final_layer_img, model.decoder.final_layer_txt, last.img_attn.proj, last.img_mlp):
