@@ -3,6 +3,7 @@
     tok bench {psnr,ssim,lpips,rfid,usage,all} DATA -m MODEL [--n N] [--size S] [--json] [--report report.md]
     tok bench throughput -m MODEL [--batch-size 1,8] [--size S] [--precision fp32|tf32|bf16]
     tok bench stats DATA -o ref.npz
+    tok bench gfid -m GEN --ref-stats ref.npz [--class all] [-n N | --num-samples N] [--steps S] [--cfg C]
     tok bench report RESULT.json... -o report.md
 
 Many GPUs or processes: torchrun --nproc_per_node=N -m tokcli bench rfid DATA -m MODEL (rank 0 writes).
@@ -16,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from tokcli.cli import generate as gen_cli
 from tokcli.cli.common import (DeviceOpt, LatentDtypeOpt, ModelOpt, PrecisionOpt, QuietOpt, SeedOpt, SkipOpt,
                                WorkersOpt, cli_errors, err, report_failures)
 
@@ -236,6 +238,65 @@ def stats_cmd(
             return
         print(json.dumps(summary), flush=True)
         report_failures(errors)
+
+
+@app.command("gfid")
+def gfid_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="generator: registry name, local-dir:PATH or a "
+                                                             "generator folder")],
+    ref_stats: Annotated[Optional[str], typer.Option("--ref-stats", help="FID reference statistics: an ADM "
+                                                                         "reference batch (VIRTUAL_imagenet256_"
+                                                                         "labeled.npz) or tok bench stats "
+                                                                         "output")] = None,
+    classes: gen_cli.ClassOpt = "all",
+    n: Annotated[Optional[int], typer.Option("-n", help="samples per class [default: 1]")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="samples in all, split evenly over "
+                                                                             "the classes")] = None,
+    steps: gen_cli.StepsOpt = None,
+    cfg: gen_cli.CfgOpt = None,
+    guidance_interval: gen_cli.IntervalOpt = None,
+    sampler: gen_cli.SamplerOpt = None,
+    path_type: gen_cli.PathTypeOpt = None,
+    temperature: gen_cli.TemperatureOpt = None,
+    top_k: gen_cli.TopKOpt = None,
+    top_p: gen_cli.TopPOpt = None,
+    seed: gen_cli.GenSeedOpt = 0,
+    splits: Annotated[int, typer.Option("--splits", help="Inception Score splits (sample j in split j % splits)")] = 10,
+    tokenizer: gen_cli.TokenizerOpt = None,
+    inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="FID Inception weights "
+                                                             "(pt_inception-2015-12-05-6726825d.pth)")] = None,
+    download: DownloadOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full result as one JSON line")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="also write the JSON here")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="samples per batch")] = 8,
+    quiet: QuietOpt = False,
+):
+    """Generation FID and Inception Score of a generator's samples (those of tok generate), images/s and network
+    calls per image."""
+    with cli_errors():
+        from tokcli.bench.gfid import gfid
+        from tokcli.core.distributed import dist_env
+
+        _check_output_paths(output)
+        options = gen_cli.sampler_options(steps, cfg, guidance_interval, sampler, path_type, temperature, top_k,
+                                          top_p)
+        result = gfid(model, ref_stats=ref_stats, classes=classes, n=n, num_samples=num_samples, sampler=options,
+                      seed=seed, batch_size=batch_size, splits=splits, inception_weights=inception_weights,
+                      download=download, tokenizer=tokenizer, device=device, quiet=quiet)
+        if dist_env()[0] != 0:  # torchrun: rank 0 prints and writes
+            return
+        if output:
+            from tokcli.core.atomic import atomic_write_text
+
+            atomic_write_text(output, json.dumps(result, indent=2, default=str) + "\n")
+        if as_json:
+            print(json.dumps(result, default=str), flush=True)
+        else:
+            m, p = result["metrics"], result["protocol"]
+            speed = f"{m['images_per_s']:.3g} img/s" if m["images_per_s"] else "img/s n/a"
+            print(f"{result['model']['name']}  N={p['n_samples']}  {p['image_size']}px  gFID {m['gfid']:.3f}  "
+                  f"IS {m['is']:.2f} +- {m['is_std']:.2f}  {speed}  {m['nfe_per_image']} calls/img", flush=True)
 
 
 @app.command("report")

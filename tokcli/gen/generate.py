@@ -9,6 +9,10 @@
   tokens that were decoded (float32 latents for SiT), with ``labels``; so ``tok decode`` of it writes the same PNGs.
 - The PNGs are staged and moved into place only when the whole run succeeded (as ``tok decode`` does); progress on
   stderr.
+- torchrun (WORLD_SIZE > 1, :func:`run`): the batches of the one-process plan (samples ``[k b, (k + 1) b)``) are
+  dealt round-robin to the ranks (:func:`batch_spans`), so each batch, its seeds and hence its bytes are those of a
+  single process; every rank stages its own PNGs, all ranks commit only when every rank succeeded, and rank 0 alone
+  writes ``--tokens-out`` (the tokens gathered in sample order).
 """
 
 from __future__ import annotations
@@ -59,6 +63,87 @@ def plan(classes: list[int], n: int) -> tuple[list[str], list[int]]:
     return keys, [c for c in classes for _ in range(n)]
 
 
+def plan_total(classes: list[int], total: int) -> tuple[list[str], list[int]]:
+    """(keys, labels) of ``total`` samples split evenly over ``classes`` (the first ``total % len(classes)``
+    classes get one more); class-major order and the keys of :func:`plan`."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise TokUsageError(f"--num-samples must be at least 1, got {total!r}")
+    base, extra = divmod(total, len(classes))
+    counts = [base + (i < extra) for i in range(len(classes))]
+    keys = [f"class{c:04d}/{i:05d}" for c, k in zip(classes, counts) for i in range(k)]
+    return keys, [c for c, k in zip(classes, counts) for _ in range(k)]
+
+
+def batch_spans(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+    """This rank's batches ``(start, stop)`` of ``n`` samples: batch k (samples ``[k b, min((k + 1) b, n))``) goes
+    to rank ``k % world``. Over all ranks every sample is in exactly one batch, the batches of one process."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TokUsageError(f"--batch-size must be at least 1, got {batch_size!r}")
+    return [(s, min(s + batch_size, n)) for k, s in enumerate(range(0, n, batch_size)) if k % world == rank]
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_ok(failure: BaseException | None, world: int) -> None:
+    """Collective: every rank learns whether any rank failed. The failing rank re-raises its own error; the others
+    raise a one-line TokError naming it (with its exit code), so no rank waits forever for another."""
+    from tokcli.core.distributed import gather_objects
+
+    if world == 1:
+        if failure is not None:
+            raise failure
+        return
+    mine = None if failure is None else (getattr(failure, "exit_code", 1), _one_line(failure))
+    parts = gather_objects(mine)
+    if failure is not None:
+        raise failure
+    for r, part in enumerate(parts):
+        if part is not None:
+            e = TokError(f"rank {r} failed: {part[1]}")
+            e.exit_code = part[0]
+            raise e
+
+
+def in_turn(fn, rank: int, world: int):
+    """``fn()`` on rank 0, then, once it succeeded there, on the other ranks (checks that make and remove folders
+    must not race); a failure on any rank raises on every rank. Returns this rank's ``fn()``."""
+    out, failure = None, None
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised by all_ok on this rank
+                failure = e
+        if world > 1 or failure is not None:
+            all_ok(failure, world)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return msg if isinstance(e, TokError) else f"{type(e).__name__}: {msg}"
+
+
+def sample_batch(gen, tokenizer, labels: list[int], start: int, stop: int, *, seed: int,
+                 sampler: Mapping[str, Any]):
+    """Samples ``start..stop-1`` of the run (sample j seeded ``seed + j``) as the stored tokens (what the token file
+    keeps) and the decoded float images."""
+    from tokcli import pipeline
+
+    y = labels[start:stop]
+    samples = gen.sample(y, seed=[seed + j for j in range(start, stop)], **sampler)
+    stored = pipeline.stored_tokens(gen.tokens_for(samples, tokenizer), "float32"
+                                    if tokenizer.spec.kind == "latents" else None)
+    return stored, pipeline.decode_batch(tokenizer, stored, start, 0)
+
+
 def load_tokenizer(gen, name: str | None = None, device: str = "cpu"):
     """The tokenizer ``gen`` decodes through: ``name`` if given, else the one its folder names (sha256-checked)."""
     import tokcli
@@ -106,36 +191,53 @@ def check_outputs(out_dir: str | Path, keys: list[str], tokens_out: str | Path |
 def generate(gen, tokenizer, keys: list[str], labels: list[int], out_dir: str | Path, *, seed: int = 0,
              batch_size: int = 8, sampler: Mapping[str, Any] | None = None, tokens_out: str | Path | None = None,
              quiet: bool = False) -> GenerateResult:
-    """Sample, decode and write (see the module docstring); ``sampler``: keywords for ``gen.sample``."""
+    """Sample, decode and write (see the module docstring); ``sampler``: keywords for ``gen.sample``. Inside an
+    initialised torch.distributed group this rank does its batches (:func:`batch_spans`); ``written`` lists this
+    rank's PNGs, ``tokens`` this rank's samples (all of them on rank 0 with ``tokens_out``)."""
     from tokcli import pipeline
-    from tokcli.core.tokens import write_token_file
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TokUsageError(f"--batch-size must be at least 1, got {batch_size!r}")
+    rank, world = world_info()
+    spans = batch_spans(len(keys), batch_size, rank, world)
     opts = gen.sampler_kwargs(dict(sampler or {}))
     gen.check_labels(labels)
     gen.check_tokenizer(tokenizer)
-    check_outputs(out_dir, keys, tokens_out)
     precision = pipeline.apply_precision(tokenizer, "fp32")
     res = GenerateResult(keys=list(keys), labels=list(labels))
-    stage = pipeline.Stage(Path(out_dir))
-    bar = pipeline.progress_bar(len(keys), "generate", quiet)
-    chunks = []
+
+    made: list = []
+
+    def make_stage():
+        check_outputs(out_dir, keys, tokens_out)
+        made.append(pipeline.Stage(Path(out_dir)))
+
     try:
-        for s in range(0, len(keys), batch_size):
-            y = labels[s:s + batch_size]
-            samples = gen.sample(y, seed=[seed + s + i for i in range(len(y))], **opts)
-            stored = pipeline.stored_tokens(gen.tokens_for(samples, tokenizer), "float32"
-                                            if tokenizer.spec.kind == "latents" else None)
-            chunks.append(stored)
-            imgs = pipeline.decode_batch(tokenizer, stored, s, 0)
-            pipeline.write_pngs(stage, keys[s:s + len(y)], imgs, res)
-            bar.update(len(y))
-        res.tokens = np.concatenate(chunks)
-        if tokens_out is not None:
-            header = token_header(gen, tokenizer, seed, opts, precision)
-            write_token_file(tokens_out, header=header, keys=keys, labels=np.asarray(labels, dtype=np.int64),
-                             **{tokenizer.spec.kind: res.tokens})
+        in_turn(make_stage, rank, world)  # rank 0 makes the folder before the others look at it
+    except BaseException:
+        for st in made:
+            st.abort()
+        raise
+    stage = made[0]
+    bar = pipeline.progress_bar(sum(b - a for a, b in spans), "generate", quiet or rank != 0)
+    chunks: list[tuple[int, np.ndarray]] = []
+    try:
+        failure = None
+        try:
+            for a, b in spans:
+                stored, imgs = sample_batch(gen, tokenizer, labels, a, b, seed=seed, sampler=opts)
+                chunks.append((a, stored))
+                pipeline.write_pngs(stage, keys[a:b], imgs, res)
+                bar.update(b - a)
+        except Exception as e:  # noqa: BLE001 - re-raised by all_ok, after every rank has heard of it
+            failure = e
+        all_ok(failure, world)
+        res.tokens = _tokens_in_order(chunks, world if tokens_out is not None else 1)
+        failure = None
+        if tokens_out is not None and rank == 0:
+            try:
+                _write_tokens(tokens_out, gen, tokenizer, seed, opts, precision, keys, labels, res.tokens)
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        all_ok(failure, world)  # no rank commits its PNGs unless the token file was written
         stage.commit()
     except BaseException:
         stage.abort()
@@ -143,3 +245,44 @@ def generate(gen, tokenizer, keys: list[str], labels: list[int], out_dir: str | 
     finally:
         bar.close()
     return res
+
+
+def _tokens_in_order(chunks: list[tuple[int, np.ndarray]], world: int) -> np.ndarray | None:
+    """The tokens of ``chunks`` ((start, array) per batch), gathered from every rank when ``world > 1``, in sample
+    order (on every rank)."""
+    from tokcli.core.distributed import gather_objects
+
+    parts = [c for part in gather_objects(chunks) for c in part] if world > 1 else list(chunks)
+    parts.sort(key=lambda c: c[0])
+    return np.concatenate([c[1] for c in parts]) if parts else None
+
+
+def _write_tokens(path, gen, tokenizer, seed, opts, precision, keys, labels, tokens) -> None:
+    from tokcli.core.tokens import write_token_file
+
+    header = token_header(gen, tokenizer, seed, opts, precision)
+    write_token_file(path, header=header, keys=keys, labels=np.asarray(labels, dtype=np.int64),
+                     **{tokenizer.spec.kind: tokens})
+
+
+def run(model: str, out_dir: str | Path, *, classes: str | None, n: int = 1, sampler: Mapping[str, Any] | None = None,
+        seed: int = 0, batch_size: int = 8, tokens_out: str | Path | None = None, tokenizer: str | None = None,
+        device: str = "auto", quiet: bool = False) -> tuple[GenerateResult, Any, Any]:
+    """``tok generate`` from names: load the generator (on this rank's device under torchrun, which starts the
+    process group), plan ``classes`` x ``n``, generate. Returns (result, generator, tokenizer)."""
+    import tokcli
+    from tokcli.core.device import resolve_device, set_precision
+    from tokcli.core.distributed import process_group
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        plan([], n)  # the one-line refusal of -n 0, before anything is loaded
+    set_precision("fp32")
+    with process_group(resolve_device(device)) as (rank, world, dev):
+        gen = tokcli.load_generator(model, device=str(dev))
+        keys, labels = plan(parse_classes(classes, gen.num_classes), n)
+        opts = gen.sampler_kwargs(dict(sampler or {}))
+        in_turn(lambda: check_outputs(out_dir, keys, tokens_out), rank, world)
+        tok = load_tokenizer(gen, tokenizer, device=str(gen.device))
+        res = generate(gen, tok, keys, labels, out_dir, seed=seed, batch_size=batch_size, sampler=opts,
+                       tokens_out=tokens_out, quiet=quiet)
+    return res, gen, tok

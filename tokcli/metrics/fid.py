@@ -43,8 +43,8 @@ from tokcli.errors import MissingWeightsError
 from tokcli.metrics.fid_stats import FEATURE_DIM, STATS_EXTRA_KEYS, FeatureStats, frechet_distance, load_stats
 
 __all__ = ["FEATURE_DIM", "FIDInception", "FeatureStats", "STATS_EXTRA_KEYS", "features_from_uint8",
-           "find_fid_weights", "frechet_distance", "load_fid_inception", "load_stats", "resize_299",
-           "weights_folder", "weights_spec"]
+           "find_fid_weights", "frechet_distance", "inception_score", "load_fid_inception", "load_stats",
+           "logits_from_features", "resize_299", "weights_folder", "weights_spec"]
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -331,3 +331,42 @@ def features_from_uint8(model: FIDInception, images, batch_size: int = 50, devic
         x = 2 * resize_299(x) - 1
         out[i:i + len(chunk)] = model.pool3(x).to(torch.float64).cpu().numpy()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------- Inception Score
+
+
+def logits_from_features(model: FIDInception, features) -> np.ndarray:
+    """The 1008 class logits of pool3 ``features`` [N, 2048] in float64: ``features @ fc.weight.T`` without the
+    bias, as ADM's evaluator (``softmax/logits/MatMul`` of the TF graph) and torch-fidelity (``logits_unbiased``)
+    compute them for the Inception Score."""
+    w = model.fc.weight.detach().to("cpu", torch.float64).numpy()
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[1] != w.shape[1]:
+        raise ValueError(f"expected pool3 features [N, {w.shape[1]}], got shape {tuple(f.shape)}")
+    return f @ w.T
+
+
+def log_softmax(logits) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` of class logits [N, C] (float64), p(y) the mean of p(y|x)
+    over each split; sample i is in split ``i % splits`` (so class-sorted samples still mix in every split).
+    Returns (mean, std) over the splits (std with ddof 0, as torch-fidelity)."""
+    logp = log_softmax(logits)
+    n = logp.shape[0]
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= n:
+        raise ValueError(f"splits must be in 1..{n} (the number of samples), got {splits!r}")
+    scores = []
+    for k in range(splits):
+        lp = logp[k::splits]
+        p = np.exp(lp)
+        with np.errstate(divide="ignore", invalid="ignore"):  # classes of p(y) = 0 have p(y|x) = 0: no term
+            kl = np.where(p > 0, p * (lp - np.log(p.mean(axis=0))), 0.0)
+        scores.append(float(np.exp(kl.sum(axis=1).mean())))
+    return float(np.mean(scores)), float(np.std(scores))
