@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -53,6 +53,7 @@ class Options:
     inputs: Any
     download: bool = False
     latent_dtype: str | None = None
+    sampler: Any = None
 
 
 def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage", "bpp"), n: int | None = None,
@@ -60,10 +61,13 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
              seed: int = 0, precision: str = "fp32", skip_errors: bool = False, quiet: bool = False,
              save_recon: str | None = None, psnr_mode: str = "tok", ssim_mode: str = "tok", lpips_net: str = "alex",
              lpips_weights: str | None = None, inception_weights: str | None = None, ref_stats: str | None = None,
-             strict: bool = True, grid: int = 8, inputs=None, download: bool = False, latent_dtype: str | None = None):
+             strict: bool = True, grid: int = 8, inputs=None, download: bool = False, latent_dtype: str | None = None,
+             sampler: Mapping[str, Any] | None = None):
     """Reconstruct ``items`` with ``model`` and score them. Returns (result dict, per-input errors, grid arrays or
     None). ``strict=False`` skips (and records) metrics whose pretrained weights are missing instead of failing;
     ``download`` fetches a missing pretrained file (tokcli/core/pretrained.py: never without it or TOK_DOWNLOAD=1).
+    ``sampler``: a stochastic decoder's keywords (``{"steps": 8}``), checked up front and recorded in the protocol
+    with the folder's defaults filled in.
 
     Under torchrun (WORLD_SIZE > 1) each rank takes every world-th image; per-image values, failures, code counts
     and the float64 Inception sums are combined exactly, so the result equals a single-process run (the per-image
@@ -78,7 +82,7 @@ def evaluate(items, *, model: str | None = None, metrics=("psnr", "ssim", "usage
                        quiet=quiet or rank != 0, save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode,
                        lpips_net=lpips_net, lpips_weights=lpips_weights, inception_weights=inception_weights,
                        ref_stats=ref_stats, strict=strict, grid=grid, inputs=inputs, download=download,
-                       latent_dtype=latent_dtype)
+                       latent_dtype=latent_dtype, sampler=dict(sampler or {}))
         return _evaluate(items, opts, dev=dev, rank=rank, world=world)
 
 
@@ -212,7 +216,7 @@ def _stream(tok, items: list, collectors: list[Metric], opts: Options, *, size: 
                                           workers=opts.workers, seed=opts.seed, skip_errors=opts.skip_errors,
                                           quiet=opts.quiet, on_batch=on_batch,
                                           positions=positions if world > 1 else None,
-                                          latent_dtype=opts.latent_dtype).errors
+                                          latent_dtype=opts.latent_dtype, sampler=opts.sampler).errors
     except TokError as e:
         if world == 1:
             raise
@@ -253,6 +257,7 @@ def _assemble(tok, items: list, opts: Options, metrics: list[Metric], keys: "_Ke
         "n_images": len(keys.values), "n_failed": n_failed, "image_size": size, "crop": CROP, "uint8": UINT8,
         "psnr": None, "ssim": None, "lpips": None, "rfid": None,  # filled in by the metrics measured
         "seed": opts.seed, "precision": opts.precision, "device": str(dev),
+        **({"sampler": tok.sampler_kwargs(dict(opts.sampler or {}))} if tok.sampler_options else {}),
         **({"latent_dtype": pipeline.check_latent_dtype(tok, opts.latent_dtype)} if tok.spec.kind == "latents" else {}),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "batch_size": opts.batch_size, "world_size": world, "torch": torch.__version__, "tok_version": __version__,

@@ -18,8 +18,9 @@ from typing import Annotated, Optional
 import typer
 
 from tokcli.cli import generate as gen_cli
-from tokcli.cli.common import (DeviceOpt, LatentDtypeOpt, ModelOpt, PrecisionOpt, QuietOpt, SeedOpt, SkipOpt,
-                               WorkersOpt, cli_errors, err, report_failures)
+from tokcli.cli.common import (CfgOpt, DeviceOpt, LatentDtypeOpt, ModelOpt, PrecisionOpt, QuietOpt, SamplerOpt,
+                               SeedOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err, report_failures,
+                               sampler_options)
 
 app = typer.Typer(help="Measure tokenizers under one protocol (JSON with --json; every choice recorded).",
                   no_args_is_help=True)
@@ -127,6 +128,9 @@ def _metric_command(which: str):
         batch_size: BenchBatchOpt = 8,
         workers: WorkersOpt = 0,
         seed: SeedOpt = 0,
+        steps: StepsOpt = None,
+        cfg: CfgOpt = None,
+        sampler: SamplerOpt = None,
         precision: PrecisionOpt = "fp32",
         latent_dtype: LatentDtypeOpt = None,
         skip_errors: SkipOpt = False,
@@ -143,7 +147,8 @@ def _metric_command(which: str):
                 workers=workers, seed=seed, precision=precision, skip_errors=skip_errors, quiet=quiet,
                 save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
                 lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
-                strict=strict or which != "all", inputs=data, download=download, latent_dtype=latent_dtype)
+                strict=strict or which != "all", inputs=data, download=download, latent_dtype=latent_dtype,
+                sampler=sampler_options(steps, cfg, sampler))
             from tokcli.core.distributed import dist_env
 
             if dist_env()[0] != 0:  # torchrun: rank 0 prints and writes; the others share its exit code
