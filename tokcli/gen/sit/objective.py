@@ -1,0 +1,188 @@
+"""Training SiT with ``tok train`` (objective ``flow``): flow matching on a token file of continuous latents (SoftVQ's
+``latents`` [N, L, C]; data kind ``"latents"``, :class:`LatentTokenData`).
+
+The path is the one the samplers of ``sampler.py`` integrate: time 1 is noise, time 0 is data,
+
+    x_t = t eps + (1 - t) x,   eps ~ N(0, I),   t ~ U(0, 1),   target velocity v = dx_t / dt = eps - x,
+
+(SiT's ``linear`` path in the sampler's time direction: the Euler ODE from t = 1 to 0 turns noise into data, and
+the SDE's score for ``path_type = "linear"`` is this path's). The loss is the mean squared error between the model's
+v(x_t, t, y) and eps - x over every element of the micro-batch. Labels are dropped to the null class
+(``num_classes``) with ``model_args.class_dropout_prob`` (0.1) inside the label embedder, for classifier-free
+guidance. t, eps and the label drops all come from the global torch RNG, which checkpoints restore: resume is exact.
+
+Normalisation: the model sees what the sampler returns before ``SiT.tokens_for`` maps it back, so a token file
+whose header says ``tokens.extra.normalized`` is used as it is, any other is read as
+x = (z - vq_mean) / vq_std with the header's ``tokens.extra`` scalars (SoftVQ records them in every header); a
+header without them is refused, as ``SiT.check_tokenizer`` refuses such a tokenizer.
+
+The token file fixes ``input_size`` (L), ``in_channels`` (C) and ``num_classes`` (the classes of the labels); the
+recipe's ``model_args`` give the architecture and may repeat those keys only with the same values
+(``num_classes`` may be larger). A file without labels trains an unconditional model (one class, 0) unless
+``num_classes`` > 1 asks for a conditional one, which is refused. The exported folder names the tokenizer of the
+token file and samples with the ODE on the linear path by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokcli.errors import TokError, TokUsageError
+from tokcli.train.data import DATA_KINDS
+from tokcli.train.objective import Objective
+from tokcli.train.recipe import DataSection, LossSection
+from tokcli.train.token_data import TokenData, ensure_tokens, file_labels
+
+#: what the exported folder samples with (``tok generate`` flags override): the ODE needs no score, and
+#: ``path_type = "linear"`` keeps ``--sampler sde`` on the path trained here
+SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "ode", "steps": 50, "guidance_interval": [0.0, 1.0],
+                                   "path_type": "linear", "seed": 0}
+GUIDED_CFG = 1.5
+
+
+@dataclass
+class SiTFlowLoss(LossSection):
+    perceptual: str = "none"  # the shared image-loss keys do not apply to latent data
+    gan_weight: float = 0.0
+
+
+def latent_scale(header: Mapping[str, Any], where: str) -> tuple[float, float]:
+    """(mean, std) that map the file's latents to the model's space, x = (z - mean) / std; (0, 1) when the
+    tokens are already normalised (see the module docstring)."""
+    extra = (header.get("tokens") or {}).get("extra") or {}
+    if extra.get("normalized"):
+        return 0.0, 1.0
+    try:
+        mean, std = float(extra["vq_mean"]), float(extra["vq_std"])
+    except (KeyError, TypeError, ValueError):
+        raise TokError(f"{where}: the header records no latent statistics (tokens.extra vq_mean / vq_std); the SiT "
+                       "generator trains on normalised latents") from None
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        raise TokError(f"{where}: tokens.extra vq_mean = {mean}, vq_std = {std}; vq_std must be a positive number")
+    return mean, std
+
+
+class LatentTokenData(TokenData):
+    """:class:`~tokcli.train.token_data.TokenData` for a file of latents: batches ``{"tokens": float32 [B, L, C]
+    (normalised, see the module docstring), "labels": int64 [B]}``, the same pure function of (seed, micro-batch,
+    rank) (the permutation and batching are TokenData's)."""
+
+    def __init__(self, cfg: DataSection, *, seed: int, rank: int = 0, world_size: int = 1):
+        from tokcli.core.token_reader import read_token_file
+
+        self.cfg, self.seed, self.rank, self.world_size = cfg, int(seed), rank, world_size
+        self.path = ensure_tokens(cfg, seed)
+        tf = read_token_file(self.path)
+        if tf.kind != "latents" or tf.array.ndim != 3 or not len(tf):
+            raise TokError(f"{self.path} holds {len(tf)} images of {tf.kind} of shape {list(tf.array.shape[1:])}; "
+                           "the SiT generator trains on latents [N, L, C] (tok encode with a SoftVQ tokenizer) of "
+                           "at least one image")
+        self.header = tf.header
+        self.mean, self.std = latent_scale(tf.header, str(self.path))
+        z = torch.from_numpy(np.asarray(tf.array, dtype=np.float32))
+        self.tokens = (z - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else z
+        labels, self.classes = file_labels(tf)
+        self.has_labels = labels is not None
+        self.labels = torch.from_numpy(labels) if labels is not None else torch.zeros(len(tf), dtype=torch.long)
+        self._perms: dict[int, np.ndarray] = {}
+
+
+DATA_KINDS.setdefault("latents", LatentTokenData)  # the loop builds the data module by this kind's name
+
+
+def flow_pair(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target velocity) for data x [B, L, C], noise like x and times t [B] (see the module docstring)."""
+    tb = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return tb * noise + (1 - tb) * x, noise - x
+
+
+def flow_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``model`` (a SiT, possibly DDP-wrapped) against the target velocity at (x, noise, t)."""
+    xt, target = flow_pair(x, noise, t)
+    return F.mse_loss(model(xt, t, labels).float(), target.float())
+
+
+class SiTFlowObjective(Objective):
+    data = "latents"
+
+    def prepare(self) -> None:
+        """Encode the crops when the recipe asks for it, then read the token file (kind, statistics, labels)."""
+        ensure_tokens(self.recipe.data, self.recipe.run.seed, device=str(self.device))
+        self.tokens = LatentTokenData(self.recipe.data, seed=self.recipe.run.seed)
+
+    def args_from_data(self) -> dict[str, Any]:
+        d, given = self.tokens, dict(self.recipe.model.model_args)
+        L, C = d.tokens.shape[1:]
+        found = {"input_size": int(L), "in_channels": int(C)}
+        for k, v in found.items():
+            if k in given and given[k] != v:
+                raise TokUsageError(f"{self.recipe.source}: model_args.{k} = {given[k]!r} but the token file "
+                                    f"{d.path} has {v!r} (latents [N, {L}, {C}])")
+        classes = d.num_classes if d.has_labels else 1
+        want = given.get("num_classes", classes)
+        if not d.has_labels and want != 1:
+            raise TokUsageError(f"{d.path} has no labels but model_args.num_classes = {want} asks for a "
+                                "conditional generator: encode with tok encode --labels folder (or num_classes = 1)")
+        if isinstance(want, int) and want < classes:
+            raise TokUsageError(f"{self.recipe.source}: model_args.num_classes = {want} but {d.path} has labels "
+                                f"0..{classes - 1}")
+        return {**given, **found, "num_classes": want}
+
+    def build_model(self, model_args: dict | None) -> nn.Module:
+        """The SiT of ``model_args`` (a checkpoint's), else of the recipe completed from the token file."""
+        from tokcli.gen.sit.model import SiT
+
+        if model_args is None:
+            model_args = self.args_from_data() if hasattr(self, "tokens") else dict(self.recipe.model.model_args)
+        model = SiT(**model_args)
+        guided = model.null_class is not None and model.num_classes > 1  # one class: nothing to guide towards
+        model.sample_defaults = {**SAMPLE_DEFAULTS, "cfg": GUIDED_CFG if guided else 1.0}
+        return model
+
+    def build_networks(self, model_args: dict | None) -> dict[str, nn.Module]:
+        return {"model": self.build_model(model_args)}
+
+    def loss(self, phase: str, nets: Mapping[str, nn.Module], batch: Any, micro: int,
+             step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x, labels = batch["tokens"], batch["labels"]
+        if not x.is_floating_point():
+            raise TokError(f"the SiT flow objective takes float latents, got {x.dtype} tokens")
+        t = torch.rand(x.shape[0], device=x.device)  # global RNG, drawn before the noise: the resume contract
+        noise = torch.randn_like(x)
+        mse = flow_loss(nets["model"], x, labels, t, noise)
+        return mse, {"mse": float(mse.detach())}
+
+    # --- export ---------------------------------------------------------------------------------------------
+    def export_model(self, state: dict[str, torch.Tensor], data) -> nn.Module:
+        model = self.model
+        h = self.tokens.header
+        model.tokenizer_ref = {"name": h.get("model"), "sha256": h.get("model_sha256")}
+        return model
+
+    def loss_terms(self) -> list[str]:
+        return [f"flow matching: MSE of the velocity eps - x at x_t = t eps + (1 - t) x, t ~ U(0, 1) (linear path; "
+                f"label dropout {self.model.model_args['class_dropout_prob']})"]
+
+    def card_sections(self, model: nn.Module) -> dict[str, str]:
+        h, a, classes, d = self.tokens.header, model.model_args, self.tokens.classes, self.tokens
+        names = ""
+        if classes:
+            names = ": " + ", ".join(classes[:20]) + ("..." if len(classes) > 20 else "")
+        scale = "as stored (normalised)" if (d.mean, d.std) == (0.0, 1.0) else f"(z - {d.mean}) / {d.std}"
+        return {"Tokenizer and sampling": (
+            f"Samples the latents of the tokenizer `{h.get('model')}` (weights sha256 `{h.get('model_sha256')}`): "
+            f"[{a['input_size']}, {a['in_channels']}] floats, trained on {scale}; {a['num_classes']} class(es)"
+            f"{names}.\n`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; "
+            f"sampler defaults {model.sample_defaults} (time 1 = noise, 0 = data; CFG u + cfg (c - u)).")}
+
+    def training_record(self) -> dict[str, Any]:
+        return {"classes": self.tokens.classes, "latent_scale": {"mean": self.tokens.mean, "std": self.tokens.std},
+                "tokenizer": {"name": self.tokens.header.get("model"),
+                              "sha256": self.tokens.header.get("model_sha256")}}
