@@ -77,7 +77,8 @@ def fetch_official(entry) -> Path:
 
 
 def convert(source: str, *, output: str | None = None, family: str | None = None, config: str | None = None,
-            as_model: str | None = None, name: str | None = None, overwrite: bool = False) -> ModelFolder:
+            as_model: str | None = None, name: str | None = None, overwrite: bool = False,
+            tokenizer_out: str | None = None) -> ModelFolder:
     src = Path(source).expanduser()
     model_args = None
     prov: dict = {}
@@ -128,8 +129,15 @@ def convert(source: str, *, output: str | None = None, family: str | None = None
         if extra_files:
             prov["hub_files"] = {f.role: f"hf-hub:{f.repo}/{f.filename}" + (f"@{f.revision}" if f.revision else "")
                                  for f in entry.release_files()[1:]}
-    check_overwrite(dest, overwrite)
     converter = get_family(family).converter("checkpoint")
     # only families whose releases span several files take `files` (role -> path); WeTok's converter does not
     kw = {"files": extra_files} if extra_files else {}
+    if tokenizer_out is not None:
+        import inspect
+
+        if "tokenizer_out" not in inspect.signature(converter).parameters:
+            raise TokUsageError(f"--tokenizer-out is for generator checkpoints that carry their tokenizer (wetok_ar); "
+                                f"a {family} checkpoint has none")
+        kw["tokenizer_out"] = tokenizer_out
+    check_overwrite(dest, overwrite)
     return converter(ckpt, config, dest, name=name, model_args=model_args, provenance=prov, overwrite=overwrite, **kw)

@@ -280,6 +280,20 @@ def test_tokenizer_out_writes_the_tokenizer_elsewhere(tmp_path):
     assert json.loads((tmp_path / "tok" / "config.json").read_text())["family"] == "wetok"
 
 
+def test_cli_tokenizer_out(tmp_path):
+    p = run_tok("convert", CKPT, "--family", "wetok_ar", "--config", CONFIG, "-o", tmp_path / "gen",
+                "--tokenizer-out", tmp_path / "tok")
+    assert p.returncode == 0, p.stderr.decode()
+    ref = json.loads((tmp_path / "gen" / "config.json").read_text())["tokenizer"]
+    assert ref["name"] == f"local-dir:{(tmp_path / 'tok').resolve()}" and (tmp_path / "tok" / "model.safetensors").is_file()
+    # a tokenizer checkpoint carries no second model: refused before anything is read or written
+    p = run_tok("convert", CKPT, "--family", "wetok", "--config", CONFIG, "-o", tmp_path / "w",
+                "--tokenizer-out", tmp_path / "t2")
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "--tokenizer-out is for generator checkpoints" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "t2").exists()
+
+
 def test_allow_listed_lightning_containers_load(tmp_path, monkeypatch):
     """A global on the converter's allow-list (Lightning's AttributeDict in real checkpoints; argparse.Namespace
     stands in for it here, lightning not being installed) is loaded with torch.serialization.safe_globals."""

@@ -22,13 +22,16 @@ def convert_cmd(
                                                                 "the result as that model")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="model name recorded in config.json")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
+    tokenizer_out: Annotated[Optional[str], typer.Option("--tokenizer-out", help="a generator checkpoint that "
+                                                         "carries its tokenizer (wetok_ar): write the tokenizer "
+                                                         "folder here instead of inside the generator's")] = None,
 ):
     """Convert an official checkpoint (read with weights_only=True) into a safetensors model folder."""
     with cli_errors():
         from tokcli.convert import convert
 
         folder = convert(source, output=output, family=family, config=config, as_model=as_model, name=name,
-                         overwrite=overwrite)
+                         overwrite=overwrite, tokenizer_out=tokenizer_out)
         err(f"wrote {folder.path}")
         print_json({"path": str(folder.path), "name": folder.name, "family": folder.family,
                     "weights_sha256": folder.sha256, "provenance": folder.config.get("provenance", {})})
