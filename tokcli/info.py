@@ -20,8 +20,32 @@ def describe_token_file(path: str) -> dict[str, Any]:
         "array": {"shape": list(arr.shape), "dtype": str(arr.dtype)},
         "keys_sample": list(tf.keys[:5]),
     }
+    rate = token_rate(tf.header, arr)
+    if rate:
+        out["rate"] = rate
     if path != "-":
         out["bytes"] = bytes_report(path)
+    return out
+
+
+def token_rate(header: dict, arr) -> dict[str, Any] | None:
+    """Bits of one image's tokens (ids: log2 of the codebook each; latents: the stored float width) and bits per
+    pixel at the header's image size; None when the header does not say enough."""
+    import math
+
+    import numpy as np
+
+    t, size = header.get("tokens") or {}, (header.get("preprocess") or {}).get("image_size")
+    per_image = int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 1
+    if t.get("kind") == "indices" and t.get("codebook_size"):
+        bits = per_image * math.log2(int(t["codebook_size"]))
+    elif t.get("kind") == "latents":
+        bits = per_image * 8 * arr.dtype.itemsize
+    else:
+        return None
+    out: dict[str, Any] = {"bits_per_image": round(bits, 3)}
+    if isinstance(size, int) and size > 0:
+        out["bits_per_pixel"] = round(bits / (size * size), 6)
     return out
 
 

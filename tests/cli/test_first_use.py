@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, TINY_ARGS, make_model_folder, run_tok, write_images
 from tokcli.core import registry
 
-SHIPPED = ["wetok-tiny", "kl-tiny", "coda-tiny", "softvq-tiny"]
+SHIPPED = ["wetok-tiny", "kl-tiny", "coda-tiny", "softvq-tiny", "flowmo-tiny"]
 
 
 @pytest.fixture(autouse=True)

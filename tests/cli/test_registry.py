@@ -159,7 +159,7 @@ def test_check_overwrite(tmp_path):
     assert check_overwrite(str(tmp_path), True) == tmp_path
 
 
-@pytest.mark.parametrize("name", ["wetok-tiny", "kl-tiny", "coda-tiny", "softvq-tiny"])
+@pytest.mark.parametrize("name", ["wetok-tiny", "kl-tiny", "coda-tiny", "softvq-tiny", "flowmo-tiny"])
 def test_shipped_folders_are_package_data_and_load(name):
     from tokcli.core.model import TokModel
 

@@ -92,7 +92,7 @@ def test_truncated_weights_are_one_clear_line(tmp_path):
         TokModel.from_folder(folder)
 
 
-@pytest.mark.parametrize("name", ["wetok-tiny", "kl-tiny", "coda-tiny", "softvq-tiny"])
+@pytest.mark.parametrize("name", ["wetok-tiny", "kl-tiny", "coda-tiny", "softvq-tiny", "flowmo-tiny"])
 def test_shipped_models_load_exactly_as_before(name):
     """The checked path loads the same tensors as a plain build + strict load, and the model works."""
     from safetensors.torch import load_file

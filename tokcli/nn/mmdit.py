@@ -190,6 +190,11 @@ class MMDiT(nn.Module):
                 timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """img [B, N, in_channels], txt [B, L, context_dim], pos [L + N, 3] (txt first), timesteps [B] or None
         -> (img [B, N, in_channels], txt [B, L, txt_out])."""
+        if timesteps is not None and timesteps.numel() > 1 and bool((timesteps == timesteps[:1]).all()):
+            # one t for the whole batch (every sampler step): its embedding and modulations are computed once and
+            # broadcast, so an image's output does not depend on the batch size (a 1-row and a B-row matmul round
+            # differently) and B equal rows are not recomputed
+            timesteps = timesteps[:1]
         vec = None if timesteps is None else self.time_in(timestep_embedding(timesteps, 256))
         img, txt = self.img_in(img), self.txt_in(txt)
         rope = rope_tables(pos, self.axes_dim, self.theta)

@@ -30,6 +30,13 @@ def _entry(name: str, filename: str, context_dim: int, fg: int, tokens: str, bpp
 
 
 REGISTRY = [
+    ModelEntry(
+        name="flowmo-tiny", family="flowmo", shipped=True, license="other",
+        description="demo FlowMo (MMDiT encoder 2 blocks + rectified-flow decoder 4 blocks of width 128, 64 "
+                    "positions x 6 bits at 32 px) trained by tok on CPU on 32 openly licensed photos",
+        notes="see tokcli/weights/flowmo-tiny/README.md for data, training and measured quality; licence: "
+              "other (trained on CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos, listed in the card)",
+    ),
     _entry("flowmo-lo", "flowmo_lo.pth", 18, 9, "256 x 2^18", 0.0703,
            {"rFID": 0.95, "PSNR": 22.07, "SSIM": 0.649, "LPIPS": 0.113}),
     _entry("flowmo-hi", "flowmo_hi.pth", 56, 14, "1024 x 2^14", 0.219,
