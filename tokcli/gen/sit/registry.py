@@ -35,5 +35,12 @@ def _entry(tok: str, tokens: int, res: int, gfid: float | None) -> ModelEntry:
     )
 
 
-REGISTRY = [_entry(tok, *v) for tok, v in _RELEASES.items()]
+DEMO = ModelEntry(
+    name="sit-softvq-tiny", family="sit", shipped=True, license="other",
+    description="demo SiT (4 blocks of width 192) of softvq-tiny's 32 x 16 latents, trained by tok on CPU on "
+                "random crops of 32 openly licensed photos (unconditional: class 0)",
+    notes="see tokcli/weights/sit-softvq-tiny/README.md; decodes through the shipped softvq-tiny; licence: other "
+          "(trained on the latents of CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos)",
+)
+REGISTRY = [DEMO] + [_entry(tok, *v) for tok, v in _RELEASES.items()]
 TOKENIZERS = {f"sit-xl_{tok}": tok for tok in _RELEASES}
