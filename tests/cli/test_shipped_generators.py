@@ -1,6 +1,6 @@
 """The shipped demo generators through `tok generate` on CPU: each names a shipped tokenizer by registry name and
-sha256, writes decodable PNGs and a token file, the same seed gives the same samples for batch 1 and 3, and `tok
-decode` of the token file gives the generated PNGs."""
+sha256, writes decodable PNGs and a token file, the same seed gives the same samples for batch 1 and 3 (the same ids;
+latents and PNGs to fp32 rounding), and `tok decode` of the token file gives the generated PNGs."""
 
 from __future__ import annotations
 
@@ -55,9 +55,10 @@ def test_same_seed_same_samples_for_batch_1_and_3(runs):
     assert len(img1) == 3 and sorted(img1) == sorted(img3)
     if t1.dtype.kind == "f":  # continuous latents: fp32 GEMM blocking differs with the batch, nothing else
         np.testing.assert_allclose(t1, t3, rtol=0, atol=1e-5)
-        assert max(int(np.abs(img1[k].astype(int) - img3[k]).max()) for k in img1) <= 1
-    else:
-        assert np.array_equal(t1, t3) and all(np.array_equal(img1[k], img3[k]) for k in img1)
+    else:  # ids: the very same samples
+        assert np.array_equal(t1, t3)
+    # decoded by the tokenizer in batches of 1 and 3: its conv / GEMM rounding may move a pixel by one level
+    assert max(int(np.abs(img1[k].astype(int) - img3[k]).max()) for k in img1) <= 1
 
 
 def test_the_token_file_decodes_to_the_generated_pngs(runs):
