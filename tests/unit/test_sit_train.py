@@ -194,3 +194,18 @@ def test_the_cpu_recipe_parses():
 
     params = sum(p.numel() for p in SiT(**a).parameters())
     assert params * 4 < 20e6, params  # fp32 model.safetensors under 20 MB
+
+
+def test_lognormal_t_is_the_official_weighting_and_bad_schedules_are_refused():
+    import torch
+
+    from tokcli.gen.sit.objective import SiTFlowLoss, sample_t
+
+    torch.manual_seed(0)
+    t = sample_t(200_000, "lognormal", "cpu")
+    logit = torch.log(t / (1 - t))  # sigma = exp(N(0, 1)) and t = sigma / (1 + sigma): logit(t) ~ N(0, 1)
+    assert abs(float(logit.mean())) < 0.01 and abs(float(logit.std()) - 1) < 0.01
+    u = sample_t(200_000, "uniform", "cpu")
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.std()) - (1 / 12) ** 0.5) < 0.005
+    assert any("t_schedule" in p for p in SiTFlowLoss(t_schedule="cosine").problems())
+    assert not SiTFlowLoss(t_schedule="lognormal").problems()

@@ -46,10 +46,28 @@ SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "ode", "steps": 50, "guidance_inte
 GUIDED_CFG = 1.5
 
 
+T_SCHEDULES = ("uniform", "lognormal")
+
+
 @dataclass
 class SiTFlowLoss(LossSection):
     perceptual: str = "none"  # the shared image-loss keys do not apply to latent data
     gan_weight: float = 0.0
+    # t ~ U(0, 1), or the official train_sit.py's `weighting lognormal`: sigma = exp(N(0, 1)), t = sigma / (1 + sigma)
+    t_schedule: str = "uniform"
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.t_schedule not in T_SCHEDULES:
+            out.append(f"'loss.t_schedule' must be one of {', '.join(T_SCHEDULES)}, got {self.t_schedule!r}")
+        return out
+
+
+def sample_t(n: int, schedule: str, device) -> torch.Tensor:
+    """Training times [n] (global RNG): uniform, or lognormal (sigmoid of N(0, 1), i.e. sigma / (1 + sigma))."""
+    if schedule == "lognormal":
+        return torch.sigmoid(torch.randn(n, device=device))
+    return torch.rand(n, device=device)
 
 
 def latent_scale(header: Mapping[str, Any], where: str) -> tuple[float, float]:
@@ -154,7 +172,7 @@ class SiTFlowObjective(Objective):
         x, labels = batch["tokens"], batch["labels"]
         if not x.is_floating_point():
             raise TokError(f"the SiT flow objective takes float latents, got {x.dtype} tokens")
-        t = torch.rand(x.shape[0], device=x.device)  # global RNG, drawn before the noise: the resume contract
+        t = sample_t(x.shape[0], self.recipe.loss.t_schedule, x.device)  # global RNG, before the noise: resume
         noise = torch.randn_like(x)
         mse = flow_loss(nets["model"], x, labels, t, noise)
         return mse, {"mse": float(mse.detach())}
@@ -167,7 +185,8 @@ class SiTFlowObjective(Objective):
         return model
 
     def loss_terms(self) -> list[str]:
-        return [f"flow matching: MSE of the velocity eps - x at x_t = t eps + (1 - t) x, t ~ U(0, 1) (linear path; "
+        t = "U(0, 1)" if self.recipe.loss.t_schedule == "uniform" else "sigmoid(N(0, 1)) (lognormal)"
+        return [f"flow matching: MSE of the velocity eps - x at x_t = t eps + (1 - t) x, t ~ {t} (linear path; "
                 f"label dropout {self.model.model_args['class_dropout_prob']})"]
 
     def card_sections(self, model: nn.Module) -> dict[str, str]:
