@@ -43,4 +43,4 @@ DEMO = ModelEntry(
           "(trained on the latents of CC-BY, CC-BY-SA, GPL-2+, CC0 and public-domain photos)",
 )
 REGISTRY = [DEMO] + [_entry(tok, *v) for tok, v in _RELEASES.items()]
-TOKENIZERS = {f"sit-xl_{tok}": tok for tok in _RELEASES}
+TOKENIZERS = {f"sit-xl_{tok}": tok for tok in _RELEASES} | {DEMO.name: "softvq-tiny"}
