@@ -40,7 +40,6 @@ from tokcli.core.device import exact_math, resolve_device
 from tokcli.core.distributed import process_group
 from tokcli.errors import TokError, TokUsageError
 from tokcli.train import checkpoints as ck
-from tokcli.train.data import make_data
 from tokcli.train.ema import EMA
 from tokcli.train.export import export_run
 from tokcli.train.objective import Objective
@@ -121,7 +120,7 @@ def _setup(r: Recipe, device, rank: int, world: int, ckpt_in: Path | None) -> Tr
 
     obj: Objective = get_family(r.model.family).objective(r.model.objective)(r, device=device, world_size=world)
     obj.prepare()
-    data = make_data(obj.data, r, rank=rank, world_size=world)
+    data = obj.make_data(rank, world)
     saved = ck.read_state(ckpt_in) if ckpt_in else None
     ck.seed_everything(r.run.seed)
     obj.build(saved["model_args"] if saved else None)

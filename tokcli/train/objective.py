@@ -71,6 +71,13 @@ class Objective:
         """Load what the objective needs besides its networks (a perceptual network), before any data is read,
         so that a missing file stops the run at once."""
 
+    def make_data(self, rank: int = 0, world_size: int = 1):
+        """This rank's data module: the ``data`` kind built from ``[data]`` (``train/data.py``). An objective that
+        already read its data in :meth:`prepare` (the generators' token files) hands that over instead."""
+        from tokcli.train.data import make_data
+
+        return make_data(self.data, self.recipe, rank=rank, world_size=world_size)
+
     def build(self, model_args: Mapping[str, Any] | None = None) -> dict[str, nn.Module]:
         """Build ``self.networks`` on ``self.device``. ``model_args``: the model's arguments from a checkpoint
         (resume; the weights are loaded next), or None for a fresh run (from the recipe / ``model.init_from``)."""

@@ -168,6 +168,14 @@ class TokenData:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def for_rank(self, rank: int, world_size: int) -> "TokenData":
+        """The same data (tensors shared, nothing read again) batched for ``rank`` of ``world_size``."""
+        import copy
+
+        out = copy.copy(self)
+        out.rank, out.world_size, out._perms = rank, world_size, {}
+        return out
+
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else int(self.labels.max()) + 1

@@ -74,6 +74,9 @@ class MaskGITObjective(Objective):
         ensure_tokens(self.recipe.data, self.recipe.run.seed, device=str(self.device))
         self.tokens = TokenData(self.recipe.data, seed=self.recipe.run.seed)
 
+    def make_data(self, rank: int = 0, world_size: int = 1):
+        return self.tokens.for_rank(rank, world_size)  # the file prepare() read, not a second read
+
     def args_from_data(self) -> dict[str, Any]:
         d, given = self.tokens, dict(self.recipe.model.model_args)
         spec = d.header["tokens"]

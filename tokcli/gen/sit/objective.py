@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokcli.errors import TokError, TokUsageError
-from tokcli.train.data import DATA_KINDS
 from tokcli.train.objective import Objective
 from tokcli.train.recipe import DataSection, LossSection
 from tokcli.train.token_data import TokenData, ensure_tokens, file_labels
@@ -111,8 +110,6 @@ class LatentTokenData(TokenData):
         self._perms: dict[int, np.ndarray] = {}
 
 
-DATA_KINDS.setdefault("latents", LatentTokenData)  # the loop builds the data module by this kind's name
-
 
 def flow_pair(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, target velocity) for data x [B, L, C], noise like x and times t [B] (see the module docstring)."""
@@ -134,6 +131,9 @@ class SiTFlowObjective(Objective):
         """Encode the crops when the recipe asks for it, then read the token file (kind, statistics, labels)."""
         ensure_tokens(self.recipe.data, self.recipe.run.seed, device=str(self.device))
         self.tokens = LatentTokenData(self.recipe.data, seed=self.recipe.run.seed)
+
+    def make_data(self, rank: int = 0, world_size: int = 1):
+        return self.tokens.for_rank(rank, world_size)  # the file prepare() read, not a second read
 
     def args_from_data(self) -> dict[str, Any]:
         d, given = self.tokens, dict(self.recipe.model.model_args)

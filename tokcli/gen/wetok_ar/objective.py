@@ -73,6 +73,9 @@ class WeTokARObjective(Objective):
         _, g, b = self.layout
         return [b] * g
 
+    def make_data(self, rank: int = 0, world_size: int = 1):
+        return self.tokens.for_rank(rank, world_size)  # the file prepare() read, not a second read
+
     def args_from_data(self) -> dict[str, Any]:
         d, given = self.tokens, dict(self.recipe.model.model_args)
         h, g, b = self.layout
