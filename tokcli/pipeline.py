@@ -244,11 +244,12 @@ def encode(model, items, *, ref: str, output: str | Path, image_size: int | None
     """Encode images to a token file written atomically at ``output`` (``-`` = stdout). ``sample_posterior``:
     a posterior sample instead of the mean, image i seeded with ``seed + i`` (families that have a posterior).
     ``latent_dtype``: "float16" stores latent tokens at half the bytes (rounded; default "float32").
-    ``labels="folder"``: class labels from the keys' class folders (``tokcli.core.labels``)."""
-    from tokcli.core.labels import check_label_source, folder_classes, folder_labels, labels_header
+    ``labels``: "folder" (the keys' class folders) or a labels file (``tokcli.core.labels.resolve_labels``).
+    A sharded set (``-o DIR/``, torchrun) is :func:`tokcli.encode_set.encode_set`."""
+    from tokcli.core.labels import resolve_labels
     from tokcli.core.tokens import write_token_file
 
-    classes = folder_classes([it.key for it in items]) if check_label_source(labels) else None
+    label_ids, label_header = resolve_labels(labels, [it.key for it in items])
 
     size = image_size_for(model, image_size)
     posterior = _Posterior(check_posterior(model, sample_posterior), int(seed))
@@ -265,10 +266,11 @@ def encode(model, items, *, ref: str, output: str | Path, image_size: int | None
     res.tokens = np.concatenate(chunks)
     kind = model.spec.kind
     header = token_header(model, ref, size, precision, posterior.seed if posterior.sample else None, latent_dtype)
-    if classes is not None:
-        header["labels"] = labels_header(classes)
+    if label_header is not None:
+        header["labels"] = label_header
+    where = {it.key: i for i, it in enumerate(items)}
     write_token_file(output, header=header, keys=res.keys, **{kind: res.tokens},
-                     labels=None if classes is None else folder_labels(res.keys, classes))
+                     labels=None if label_ids is None else label_ids[[where[k] for k in res.keys]])
     return res
 
 
@@ -343,25 +345,55 @@ def write_pngs(stage: Stage, keys: Iterable[str], images, res: Result) -> None:
         res.written.append(dest)
 
 
-def decode(model, token_file, out_dir: str | Path, *, batch_size: int = 8, seed: int = 0, force: bool = False,
-           quiet: bool = False, precision: str | None = None, sampler: Mapping[str, Any] | None = None) -> Result:
-    """Decode a token file (already read) into PNGs under ``out_dir``, mirroring the keys; the PNGs appear only when
-    every image decoded."""
-    from tokcli.core.images import output_paths
+def _batches(src, model, force: bool, out_dir: Path, batch_size: int):
+    """(keys, token rows) of ``batch_size`` images from the shards of ``src`` in order: batches span shard borders,
+    so a set decodes in exactly the batches of the same tokens in one file. Each shard's header is checked, and two
+    keys that would write one PNG are refused before their shard is decoded."""
+    from tokcli.core.images import output_path
 
-    check_header(model, token_file.header, force=force)
+    seen: dict[Path, str] = {}
+    keys: list[str] = []
+    rows: list[np.ndarray] = []
+    for tf in src.files():
+        if src.shards > 1:
+            check_header(model, tf.header, force=force)  # every shard, not only the manifest, names the model
+        for key in tf.keys:
+            p = output_path(out_dir, key)
+            if seen.setdefault(p, key) != key:
+                raise TokError(f"inputs {seen[p]!r} and {key!r} would both be written to {p}")
+        pos = 0
+        while pos < len(tf):
+            take = min(batch_size - len(keys), len(tf) - pos)
+            keys.extend(tf.keys[pos:pos + take])
+            rows.append(tf.array[pos:pos + take])
+            pos += take
+            if len(keys) == batch_size:
+                yield keys, np.concatenate(rows)
+                keys, rows = [], []
+    if keys:
+        yield keys, np.concatenate(rows)
+
+
+def decode(model, tokens, out_dir: str | Path, *, batch_size: int = 8, seed: int = 0, force: bool = False,
+           quiet: bool = False, precision: str | None = None, sampler: Mapping[str, Any] | None = None) -> Result:
+    """Decode a token file (a :class:`TokenFile` already read) or a set (a :class:`TokenSource` from
+    :func:`tokcli.core.token_set.open_tokens`, read one shard at a time) into PNGs under ``out_dir``, mirroring the
+    keys; the PNGs appear only when every image decoded. Image i of the file or set is seeded ``seed + i``."""
+    from tokcli.core.token_set import as_source
+
+    src = as_source(tokens)
+    check_header(model, src.header, force=force)
     sampler = check_sampler(model, sampler)
     apply_precision(model, precision)
-    res = Result(keys=list(token_file.keys))
-    arr = token_file.array
+    res = Result()
     out_dir = Path(out_dir)
-    output_paths(out_dir, res.keys)
     stage = Stage(out_dir)
-    bar = progress_bar(len(arr), "decode", quiet)
+    bar = progress_bar(len(src), "decode", quiet)
     try:
-        for s in range(0, len(arr), batch_size):
-            imgs = decode_batch(model, arr[s:s + batch_size], s, seed, sampler=sampler)
-            write_pngs(stage, res.keys[s:s + batch_size], imgs, res)
+        for keys, rows in _batches(src, model, force, out_dir, batch_size):
+            imgs = decode_batch(model, rows, len(res.keys), seed, sampler=sampler)
+            write_pngs(stage, keys, imgs, res)
+            res.keys.extend(keys)
             bar.update(len(imgs))
         stage.commit()
     except BaseException:

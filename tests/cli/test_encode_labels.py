@@ -53,7 +53,7 @@ def test_labels_from_class_folders(setup, tmp_path):
 
 @pytest.mark.parametrize("where, labels, needle", [
     ("imgs/ant/0.png", "folder", "is not inside a class folder"),
-    ("imgs", "name", "--labels must be one of folder"),
+    ("imgs", "name", "--labels must be 'folder' or a labels file"),
 ])
 def test_bad_labels_are_one_line(setup, tmp_path, where, labels, needle):
     root, tok = setup

@@ -321,8 +321,8 @@ def test_unwritable_output_fails_before_the_model_loads(images, tmp_path):
     assert p.returncode == 1 and "/proc/x.npz" in line
     p = run_tok("reconstruct", images, "-m", tmp_path / "no-such-model", "-o", "/proc/out")
     assert p.returncode == 1 and "/proc/out" in _one_line_error(p)
-    p = run_tok("encode", images, "-m", tmp_path / "no-such-model", "-o", tmp_path)
-    assert p.returncode == 1 and "is a folder" in _one_line_error(p)
+    p = run_tok("encode", images, "-m", tmp_path / "no-such-model", "-o", tmp_path)  # a folder: a token set...
+    assert p.returncode == 1 and "already holds other files" in _one_line_error(p)  # ...not into a used folder
 
 
 # ---------------------------------------------------------------------------------------------------- 8: pipes

@@ -225,6 +225,30 @@ def test_no_leaked_file_handles(tmp_path):
     assert len(os.listdir(fd_dir)) <= before
 
 
+def test_byte_range_of_a_file_decodes_with_the_same_rules(tmp_path, monkeypatch):
+    png = io.BytesIO()
+    Image.fromarray(_rgb(20, 20)).save(png, format="PNG")
+    p = tmp_path / "blob.bin"
+    p.write_bytes(b"\0" * 100 + png.getvalue() + b"tail")
+    got = load_image(p, offset=100, size=len(png.getvalue()), shown_as="blob.tar:x.png")
+    assert np.array_equal(got, _rgb(20, 20))
+    with pytest.raises(TokError, match=r"^blob\.tar:x\.png: not an image file"):
+        load_image(p, offset=0, size=50, shown_as="blob.tar:x.png")
+    with pytest.raises(TokError, match=r"^blob\.tar:x\.png: empty file"):
+        load_image(p, offset=0, size=0, shown_as="blob.tar:x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # load_image sets it; restore after
+    monkeypatch.setenv("TOK_MAX_PIXELS", "300")
+    with pytest.raises(TokError, match=r"^blob\.tar:x\.png: image is larger than the 300-pixel limit"):
+        load_image(p, offset=100, size=len(png.getvalue()), shown_as="blob.tar:x.png")
+
+
+def test_input_item_defaults_keep_plain_files_unchanged(tmp_path):
+    p = tmp_path / "a.png"
+    assert InputItem(p, "a.png") == InputItem(p, "a.png", None, None)
+    assert InputItem(p, "a.png").shown == str(p)
+    assert InputItem(tmp_path / "s.tar", "c/a.png", 512, 10).shown == f"{tmp_path / 's.tar'}:c/a.png"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # crop and conversion
 # ----------------------------------------------------------------------------------------------------------

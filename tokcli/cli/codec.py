@@ -51,19 +51,35 @@ def encode_cmd(
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
     latent_dtype: LatentDtypeOpt = None,
-    labels: Annotated[Optional[str], typer.Option("--labels", help="folder: class labels from ImageFolder-style "
-                                                                   "class folders (ROOT/CLASS/IMAGE; sorted names "
-                                                                   "-> ids 0..C-1, names in the header)")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="class labels: 'folder' (ImageFolder-style "
+                                                                   "ROOT/CLASS/IMAGE; sorted names -> ids 0..C-1, "
+                                                                   "names in the header) or a file of 'KEY LABEL' "
+                                                                   "lines")] = None,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", min=1, help="write a token set folder of "
+                                                      "shards of this many inputs (default 10000 when -o is a "
+                                                      "folder or under torchrun); re-running resumes it")] = None,
     quiet: QuietOpt = False,
 ):
-    """Encode images (ADM centre crop to the model size) into one self-describing token file."""
+    """Encode images (ADM centre crop to the model size) into one self-describing token file, or into a sharded,
+    resumable token set (-o DIR/; torchrun --nproc_per_node=N -m tokcli encode ... shards the work by rank)."""
     with cli_errors():
-        from tokcli import pipeline
-        from tokcli.core.labels import check_label_source, folder_classes
+        from tokcli.core.distributed import dist_env
+        from tokcli.core.labels import check_label_source, resolve_labels
+        from tokcli.encode_set import is_set_output
 
         items = _items(inputs, image_size)
-        if check_label_source(labels):
-            folder_classes([it.key for it in items])  # a key outside any class folder: refused before the model
+        check_label_source(labels)
+        resolve_labels(labels, [it.key for it in items])  # an unlabelled input: refused before the model loads
+        if is_set_output(output, shard_size, dist_env()[1]):
+            from tokcli.core.set_writer import check_set_folder
+
+            check_set_folder(output)
+            return _encode_set(items, output, model, device, precision, quiet, shard_size=shard_size,
+                               image_size=image_size, batch_size=batch_size, workers=workers,
+                               skip_errors=skip_errors, sample_posterior=sample_posterior, seed=seed,
+                               latent_dtype=latent_dtype, labels=labels)
+        from tokcli import pipeline
+
         pipeline.check_output_file(output)
         tok = _load(model, device, precision)
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
@@ -74,6 +90,26 @@ def encode_cmd(
         if output != "-":
             err(f"encoded {len(res.keys)} image(s) with {tok.name} -> {output}")
         report_failures(res.errors)
+
+
+def _encode_set(items, output: str, model, device: str, precision: str, quiet: bool, **opts):
+    """`tok encode ... -o DIR/`, on this rank of a torchrun job (or alone)."""
+    from tokcli import pipeline
+    from tokcli.core.device import resolve_device
+    from tokcli.core.distributed import process_group
+    from tokcli.encode_set import encode_set
+
+    with process_group(resolve_device(device)) as (rank, world, dev):
+        tok = _load(model, str(dev), precision)
+        res = encode_set(tok, items, ref=pipeline.model_ref(model, tok), output=output, precision=precision,
+                         quiet=quiet, rank=rank, world=world, **opts)
+    if rank == 0:
+        _warn_upscaled(res)
+        kept = f", {len(res.kept)} verified shard(s) kept" if res.kept else ""
+        err(f"encoded {res.count} image(s) with {tok.name} -> {output} ({res.shards} shard(s){kept})")
+        report_failures(res.errors)
+    elif res.errors:
+        raise typer.Exit(1)  # rank 0 lists the failures of every rank
 
 
 def decode_cmd(
@@ -94,13 +130,13 @@ def decode_cmd(
     """Decode a token file back to PNG images."""
     with cli_errors():
         from tokcli import pipeline
-        from tokcli.core.tokens import read_token_file
+        from tokcli.core.token_set import open_tokens
 
         options = sampler_options(steps, cfg, sampler)
-        tf = read_token_file(tokens)
+        src = open_tokens(tokens)  # a set is read one shard at a time
         pipeline.check_output_folder(output)
-        tok = _load(model or tf.header.get("model"), device, precision)
-        res = pipeline.decode(tok, tf, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet,
+        tok = _load(model or src.header.get("model"), device, precision)
+        res = pipeline.decode(tok, src, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet,
                               precision=precision, sampler=options)
         err(f"decoded {len(res.written)} image(s) with {tok.name} -> {output}")
 

@@ -11,6 +11,8 @@ import contextlib
 import os
 from typing import Any, Iterator
 
+from tokcli.errors import TokError
+
 
 def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
@@ -48,3 +50,41 @@ def gather_objects(obj: Any) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_ok(failure: BaseException | None, world: int) -> None:
+    """Collective: every rank learns whether any rank failed. The failing rank re-raises its own error; the others
+    raise a one-line TokError naming it (with its exit code), so no rank waits forever for another."""
+    if world == 1:
+        if failure is not None:
+            raise failure
+        return
+    mine = None if failure is None else (getattr(failure, "exit_code", 1), _one_line(failure))
+    parts = gather_objects(mine)
+    if failure is not None:
+        raise failure
+    for r, part in enumerate(parts):
+        if part is not None:
+            e = TokError(f"rank {r} failed: {part[1]}")
+            e.exit_code = part[0]
+            raise e
+
+
+def in_turn(fn, rank: int, world: int):
+    """``fn()`` on rank 0, then, once it succeeded there, on the other ranks (checks that make and remove folders
+    must not race); a failure on any rank raises on every rank. Returns this rank's ``fn()``."""
+    out, failure = None, None
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised by all_ok on this rank
+                failure = e
+        if world > 1 or failure is not None:
+            all_ok(failure, world)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return msg if isinstance(e, TokError) else f"{type(e).__name__}: {msg}"

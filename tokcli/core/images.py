@@ -11,11 +11,13 @@ Conventions (also in the README):
 - The pixel limit against decompression bombs is 64 megapixels, or ``TOK_MAX_PIXELS`` from the environment; the
   largest crop size (``--image-size``) is 4096, or ``TOK_MAX_IMAGE_SIZE``.
 - Keys: a file named directly (a command-line argument or a line read from stdin) gets its file name as key; a folder
-  gives its images' paths relative to it. Two inputs with one key are refused, naming both.
+  gives its images' paths relative to it; a ``.tar`` archive gives its image members' paths, as the folder it would
+  extract to (read in place, see ``tokcli.core.archives``). Two inputs with one key are refused, naming both.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import warnings
@@ -28,6 +30,7 @@ from typing import IO, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from tokcli.core.archives import image_members, is_archive_name, member_byte_limit, read_member
 from tokcli.core.atomic import atomic_path, os_error_message
 from tokcli.errors import TokError, TokUsageError
 
@@ -43,10 +46,20 @@ _BACKGROUND = 255  # alpha is composited over white
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input image: where it is, and its key (relative posix path; token-file key and output name)."""
+    """One input image: where it is, and its key (relative posix path; token-file key and output name).
+
+    An image inside a tar archive has ``offset`` and ``size`` set: its bytes are ``path[offset:offset + size]``
+    (for a tar inside a tar, ``path`` is the outer file)."""
 
     path: Path
     key: str
+    offset: int | None = None
+    size: int | None = None
+
+    @property
+    def shown(self) -> str:
+        """How messages name the image: its path, or ``archive.tar:key``."""
+        return str(self.path) if self.offset is None else f"{self.path}:{self.key}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -82,7 +95,9 @@ def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[s
 
     - a folder: every image file under it (extensions in IMAGE_EXTS, any case; names starting with '.' are
       skipped), key = path relative to the folder, sorted by key;
-    - a file: always attempted whatever its extension, key = its file name;
+    - a ``.tar`` file: every image member, keys as the folder it extracts to would give, sorted
+      (``tokcli.core.archives``; a compressed tar is refused);
+    - another file: always attempted whatever its extension, key = its file name;
     - ``-``: one path per line from ``stdin`` (default sys.stdin), blank lines skipped; each line is taken as if
       it were an argument (a file: its file name; a folder: expanded as above).
 
@@ -100,6 +115,8 @@ def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[s
         p = Path(arg)
         if p.is_dir():
             items.extend(_folder_items(p, recursive))
+        elif p.is_file() and is_archive_name(p.name):
+            items.extend(InputItem(p, m.key, m.offset, m.size) for m in image_members(p, IMAGE_EXTS))
         elif p.exists():
             items.append(InputItem(p, p.name))
         else:
@@ -117,12 +134,12 @@ def collect_inputs(inputs: Sequence[str], *, recursive: bool = True, stdin: IO[s
         else:
             add(arg)
 
-    seen: dict[str, Path] = {}
+    seen: dict[str, str] = {}
     for it in items:
         if it.key in seen:
-            raise TokError(f"two inputs give the same key {it.key!r}: {seen[it.key]} and {it.path} "
+            raise TokError(f"two inputs give the same key {it.key!r}: {seen[it.key]} and {it.shown} "
                            "(pass their common parent folder instead)")
-        seen[it.key] = it.path
+        seen[it.key] = it.shown
     return items
 
 
@@ -201,10 +218,27 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         raise TokError(f"unsupported image mode {mode} ({e})") from None
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 RGB [H, W, 3]; any failure is a one-line TokError naming the file."""
+def load_image(path: str | os.PathLike, *, offset: int | None = None, size: int | None = None,
+               shown_as: str | None = None) -> np.ndarray:
+    """Decode an image file to uint8 RGB [H, W, 3]; any failure is a one-line TokError naming the file.
+
+    With ``offset`` the image is the ``size`` bytes at ``offset`` of ``path`` (a tar member, read with its own
+    file handle, so decode threads share nothing); messages then name ``shown_as`` (``archive.tar:key``)."""
     path = Path(path)
-    limit = max_pixels()
+    shown = shown_as or str(path)
+    if offset is None:
+        _check_file(path)
+        return _decode(path, shown)
+    limit = member_byte_limit(max_pixels())
+    return _decode(io.BytesIO(read_member(path, offset, size or 0, limit=limit, shown_as=shown)), shown)
+
+
+def load_item(item: InputItem) -> np.ndarray:
+    """:func:`load_image` of an input item (a file, or an image inside a tar archive)."""
+    return load_image(item.path, offset=item.offset, size=item.size, shown_as=item.shown)
+
+
+def _check_file(path: Path) -> None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -215,22 +249,27 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise TokError(f"{path}: is a folder, not an image")
     if size == 0:
         raise TokError(f"{path}: empty file (0 bytes)")
+
+
+def _decode(source: Path | io.BytesIO, shown: str) -> np.ndarray:
+    """Pillow decoding under this module's rules (formats, pixel limit, EXIF, modes); messages name ``shown``."""
+    limit = max_pixels()
     # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; we refuse above the limit. The warning
     # is made an error here, and the explicit size check below refuses the same images even in decode threads,
     # where catch_warnings (process-wide state) may be racing with another thread's.
     Image.MAX_IMAGE_PIXELS = limit
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with (open(source, "rb") if isinstance(source, Path) else source) as f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f) as im:
                 if im.format not in _FORMATS:
-                    raise TokError(f"{path}: {im.format} files are not supported "
+                    raise TokError(f"{shown}: {im.format} files are not supported "
                                    f"(supported: {', '.join(sorted(_FORMATS))})")
                 w, h = im.size
                 if w * h > limit:
                     raise Image.DecompressionBombError("")
                 if w == 0 or h == 0:
-                    raise TokError(f"{path}: image has zero width or height")
+                    raise TokError(f"{shown}: image has zero width or height")
                 im.seek(0)  # first frame of an animation
                 im.load()
                 try:
@@ -240,17 +279,17 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 arr = _to_rgb_array(im2)
     except TokError as e:
         msg = str(e)
-        raise TokError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        raise TokError(msg if msg.startswith(shown) else f"{shown}: {msg}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TokError(f"{path}: image is larger than the {limit}-pixel limit (a possible decompression bomb; "
+        raise TokError(f"{shown}: image is larger than the {limit}-pixel limit (a possible decompression bomb; "
                        "raise TOK_MAX_PIXELS to allow it)") from None
     except Image.UnidentifiedImageError:
-        raise TokError(f"{path}: not an image file (or a format tok cannot read)") from None
+        raise TokError(f"{shown}: not an image file (or a format tok cannot read)") from None
     except MemoryError:
-        raise TokError(f"{path}: out of memory while decoding") from None
+        raise TokError(f"{shown}: out of memory while decoding") from None
     except Exception as e:  # Pillow raises many types for damaged data: OSError, SyntaxError, ValueError, ...
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise TokError(f"{path}: cannot decode ({reason})") from None
+        raise TokError(f"{shown}: cannot decode ({reason})") from None
     return arr
 
 
@@ -373,13 +412,13 @@ def is_upscaled(shape: Sequence[int], size: int | None) -> bool:
 
 
 def _load_counted(item: InputItem, size: int | None) -> tuple[np.ndarray, bool]:
-    img = load_image(item.path)
+    img = load_item(item)
     if size is None:
         return img, False
     try:
         return adm_center_crop(img, size), is_upscaled(img.shape, size)
     except TokError as e:
-        raise TokError(f"{item.path}: {e}") from None
+        raise TokError(f"{item.shown}: {e}") from None
 
 
 def iter_batches(items: Sequence[InputItem], size: int | None, batch_size: int, *, skip_errors: bool = False,

@@ -7,7 +7,6 @@ zip's sizes, the keys' N and the JSON header before any of its data is read; unk
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -331,7 +330,7 @@ def _validate(members: dict[str, np.ndarray], name: str) -> TokenFile:
     return TokenFile(header=header, keys=keys, kind=kind, array=arr, labels=labels)
 
 
-def _read_one(path: str | os.PathLike) -> tuple[TokenFile, dict[str, int], int]:
+def read_one(path: str | os.PathLike) -> tuple[TokenFile, dict[str, int], int]:
     f, name, size = _open_source(path)
     with f:
         members = _load_members(f, name, size)
@@ -339,136 +338,20 @@ def _read_one(path: str | os.PathLike) -> tuple[TokenFile, dict[str, int], int]:
     return tf, {k: int(v.nbytes) for k, v in members.items()}, size
 
 
-def _is_set(path) -> Path | None:
-    if str(path) == "-":
-        return None
-    p = Path(path)
-    if p.is_dir():
-        return p
-    if p.name == MANIFEST and p.is_file():
-        return p.parent
-    return None
-
-
-def _read_manifest(directory: Path) -> dict:
-    mpath = directory / MANIFEST
-    if not mpath.is_file():
-        raise TokError(f"{directory} is a folder without {MANIFEST} (not a sharded token set)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokError(f"{mpath} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise TokError(f"{mpath} has no shard list")
-    _check_format(manifest.get("tok_format"), str(mpath))
-    for s in manifest["shards"]:
-        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not isinstance(s.get("count"), int):
-            raise TokError(f"{mpath}: every shard needs a file name and a count")
-        if "/" in s["file"] or "\\" in s["file"] or s["file"] in ("", ".", ".."):
-            raise TokError(f"{mpath}: shard file {s['file']!r} must be a plain name in the same folder")
-    return manifest
-
-
-def _iter_shards(directory: Path):
-    """Yield (manifest, shard entry, TokenFile, member nbytes, file size), checking sha256 and counts."""
-    manifest = _read_manifest(directory)
-    total = 0
-    for s in manifest["shards"]:
-        spath = directory / s["file"]
-        try:
-            data = spath.read_bytes()
-        except FileNotFoundError:
-            raise TokError(f"{directory}: shard {s['file']} listed in {MANIFEST} is missing") from None
-        if "sha256" in s and hashlib.sha256(data).hexdigest() != s["sha256"]:
-            raise TokError(f"{directory}: shard {s['file']} does not match its sha256 in {MANIFEST} "
-                           "(damaged or replaced)")
-        members = _load_members(io.BytesIO(data), str(spath), len(data))
-        tf = _validate(members, str(spath))
-        if len(tf) != s["count"]:
-            raise TokError(f"{directory}: shard {s['file']} holds {len(tf)} images but {MANIFEST} says {s['count']}")
-        total += len(tf)
-        yield manifest, s, tf, {k: int(v.nbytes) for k, v in members.items()}, len(data)
-    if manifest.get("count", total) != total:
-        raise TokError(f"{directory}: {MANIFEST} says {manifest['count']} images but the shards hold {total}")
-
-
-def _read_set(directory: Path) -> TokenFile:
-    parts: list[TokenFile] = []
-    manifest: dict = {}
-    for manifest, s, tf, _, _ in _iter_shards(directory):
-        if parts and (tf.kind != parts[0].kind or tf.shape != parts[0].shape):
-            raise TokError(f"{directory}: shard {s['file']} holds {tf.kind} of shape {tf.shape}, unlike the "
-                           f"first shard ({parts[0].kind} of shape {parts[0].shape})")
-        if parts and (tf.labels is None) != (parts[0].labels is None):
-            raise TokError(f"{directory}: shard {s['file']} disagrees with the first shard about labels")
-        parts.append(tf)
-    if not parts:
-        raise TokError(f"{directory}/{MANIFEST} lists no shards")
-    keys = [k for p in parts for k in p.keys]
-    dup = _first_duplicate(keys)
-    if dup is not None:
-        raise TokError(f"{directory}: key {dup!r} appears in more than one shard")
-    header = manifest.get("header") or parts[0].header
-    if not isinstance(header, dict):
-        raise TokError(f"{directory}/{MANIFEST}: header is not a JSON object")
-    header = {**parts[0].header, **header}
-    array = parts[0].array if len(parts) == 1 else np.concatenate([p.array for p in parts])
-    labels = None
-    if parts[0].labels is not None:
-        labels = parts[0].labels if len(parts) == 1 else np.concatenate([p.labels for p in parts])
-    return TokenFile(header=header, keys=keys, kind=parts[0].kind, array=array, labels=labels)
-
-
 def read_token_file(path: str | os.PathLike) -> TokenFile:
     """Read and validate a token file, ``-`` (stdin), or a sharded set (a folder with manifest.json, or the
-    manifest itself). Every problem is a one-line TokError."""
-    directory = _is_set(path)
+    manifest itself; concatenated in memory: stream a large set with :func:`tokcli.core.token_set.open_tokens`).
+    Every problem is a one-line TokError."""
+    from tokcli.core.token_set import read_set, set_folder
+
+    directory = set_folder(path)
     if directory is not None:
-        return _read_set(directory)
-    return _read_one(path)[0]
+        return read_set(directory)
+    return read_one(path)[0]
 
 
 def bytes_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Where the bytes of a token file (or set) go, for ``tok info``.
+    """Where the bytes of a token file (or set) go, for ``tok info`` (see :func:`tokcli.core.token_set.bytes_report`)."""
+    from tokcli.core.token_set import bytes_report as report
 
-    payload/keys/labels/header_bytes are the raw array bytes; overhead_bytes is everything else (.npy and zip
-    headers, the manifest). Per-image figures divide by N (None when N is 0).
-    """
-    directory = _is_set(path)
-    if directory is None:
-        tf, nbytes, size = _read_one(path)
-        rows = [(tf, nbytes, size)]
-        extra, shards = 0, None
-    else:
-        rows = [(tf, nb, sz) for _, _, tf, nb, sz in _iter_shards(directory)]
-        if not rows:
-            raise TokError(f"{directory}/{MANIFEST} lists no shards")
-        extra = (directory / MANIFEST).stat().st_size
-        shards = len(rows)
-        tf = rows[0][0]
-    n = sum(len(r[0]) for r in rows)
-    file_bytes = sum(r[2] for r in rows) + extra
-    payload = sum(r[1][r[0].kind] for r in rows)
-    keys_b = sum(r[1]["keys"] for r in rows)
-    labels_b = sum(r[1].get("labels", 0) for r in rows)
-    header_b = sum(r[1]["header"] for r in rows)
-    known = payload + keys_b + labels_b + header_b
-    per = (lambda v: v / n) if n else (lambda v: None)
-    report = {
-        "path": str(path),
-        "kind": tf.kind,
-        "n": n,
-        "shape": list(tf.shape),
-        "dtype": str(rows[0][0].array.dtype) if tf.kind != "bits" else "packed bits",
-        "file_bytes": file_bytes,
-        "payload_bytes": payload,
-        "payload_bytes_per_image": per(payload),
-        "keys_bytes": keys_b,
-        "labels_bytes": labels_b,
-        "header_bytes": header_b,
-        "overhead_bytes": file_bytes - known,
-        "bytes_per_image": per(file_bytes),
-    }
-    if shards is not None:
-        report["shards"] = shards
-    return report
+    return report(path)

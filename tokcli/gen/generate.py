@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tokcli.core.distributed import all_ok, in_turn
 from tokcli.errors import TokError, TokUsageError
 
 
@@ -89,46 +90,6 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def all_ok(failure: BaseException | None, world: int) -> None:
-    """Collective: every rank learns whether any rank failed. The failing rank re-raises its own error; the others
-    raise a one-line TokError naming it (with its exit code), so no rank waits forever for another."""
-    from tokcli.core.distributed import gather_objects
-
-    if world == 1:
-        if failure is not None:
-            raise failure
-        return
-    mine = None if failure is None else (getattr(failure, "exit_code", 1), _one_line(failure))
-    parts = gather_objects(mine)
-    if failure is not None:
-        raise failure
-    for r, part in enumerate(parts):
-        if part is not None:
-            e = TokError(f"rank {r} failed: {part[1]}")
-            e.exit_code = part[0]
-            raise e
-
-
-def in_turn(fn, rank: int, world: int):
-    """``fn()`` on rank 0, then, once it succeeded there, on the other ranks (checks that make and remove folders
-    must not race); a failure on any rank raises on every rank. Returns this rank's ``fn()``."""
-    out, failure = None, None
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            try:
-                out = fn()
-            except Exception as e:  # noqa: BLE001 - re-raised by all_ok on this rank
-                failure = e
-        if world > 1 or failure is not None:
-            all_ok(failure, world)
-    return out
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return msg if isinstance(e, TokError) else f"{type(e).__name__}: {msg}"
 
 
 def sample_batch(gen, tokenizer, labels: list[int], start: int, stop: int, *, seed: int,

@@ -20,6 +20,7 @@ rank)), ``summary()`` (JSON for the exported ``training`` record) and ``card_tex
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokcli.core.images import InputItem, collect_inputs, load_image, to_tensor
+from tokcli.core.images import InputItem, collect_inputs, load_item, to_tensor
 from tokcli.errors import TokError, TokUsageError
 from tokcli.train.recipe import DataSection, Recipe
 
@@ -56,14 +57,14 @@ def collect_training_files(roots: list[str], recursive: bool = True) -> list[Inp
                 q = p.parent / ln
                 if q.is_dir():
                     sub = collect_inputs([str(q)], recursive=recursive)
-                    found.extend(InputItem(it.path, f"{ln}/{it.key}") for it in sub)
+                    found.extend(dataclasses.replace(it, key=f"{ln}/{it.key}") for it in sub)
                 elif q.is_file():
                     found.append(InputItem(q, ln))
                 else:
                     raise TokError(f"{p}: listed file {ln} does not exist ({q})")
         else:
             found = collect_inputs([root], recursive=recursive)
-        items.extend(InputItem(it.path, f"{i}/{it.key}") for it in found)
+        items.extend(dataclasses.replace(it, key=f"{i}/{it.key}") for it in found)  # tar members keep their byte range
     return items
 
 
@@ -96,7 +97,7 @@ class TrainData(torch.utils.data.Dataset):
         self.items = collect_training_files(cfg.roots, cfg.recursive)
         self.images: list[Image.Image] | None = None
         if cfg.cache:
-            self.images = [Image.fromarray(load_image(it.path)) for it in self.items]
+            self.images = [Image.fromarray(load_item(it)) for it in self.items]
         self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -129,7 +130,7 @@ class TrainData(torch.utils.data.Dataset):
     # --- cutting one sample --------------------------------------------------------------------------------
     def __getitem__(self, entry: tuple[int, float, float, float, bool]) -> np.ndarray:
         idx, scale, uy, ux, flip = entry
-        im = self.images[idx] if self.images is not None else Image.fromarray(load_image(self.items[idx].path))
+        im = self.images[idx] if self.images is not None else Image.fromarray(load_item(self.items[idx]))
         return random_resized_crop(im, self.cfg.crop_size, scale, uy, ux, flip)
 
     def batch(self, micro: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ def encode_crops(cfg: DataSection, seed: int, *, device: str = "cpu") -> Path:
     """Encode random crops of ``cfg.roots`` with ``cfg.tokenizer`` into the token file ``cfg.tokens`` (see the
     module docstring); returns its path."""
     import tokcli
-    from tokcli.core.images import load_image, to_tensor
+    from tokcli.core.images import load_item, to_tensor
     from tokcli.core.labels import labels_header
     from tokcli.core.tokens import write_token_file
     from tokcli.pipeline import model_ref, token_header
@@ -80,7 +80,7 @@ def encode_crops(cfg: DataSection, seed: int, *, device: str = "cpu") -> Path:
             batch.clear()
 
     for i, it in enumerate(items):
-        im = Image.fromarray(load_image(it.path))
+        im = Image.fromarray(load_item(it))
         for c in range(cfg.crops_per_image):
             u = np.random.default_rng([int(seed), _CROP_TAG, i, c]).random(4)
             batch.append(random_resized_crop(im, size, lo + (hi - lo) * float(u[0]), float(u[1]), float(u[2]),
