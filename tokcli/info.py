@@ -7,25 +7,50 @@ from typing import Any
 
 
 def describe_token_file(path: str) -> dict[str, Any]:
-    from tokcli.core.tokens import bytes_report, read_token_file
+    """A token file or set: header, count, shapes, bytes per image; a set is read one shard at a time and every
+    shard verified against its sha256 (``bytes.verified``)."""
+    from tokcli.core.token_set import bytes_report, open_tokens, read_shard
 
-    tf = read_token_file(path)
-    arr = tf.array
+    src = open_tokens(path)
+    first = next(src.files()) if src.manifest is None else read_shard(src.directory, src.manifest["shards"][0])[0]
+    arr = first.array
     out: dict[str, Any] = {
-        "type": "token_file",
+        "type": "token_file" if src.manifest is None else "token_set",
         "path": path,
-        "header": tf.header,
-        "count": len(tf.keys),
-        "kind": tf.kind,
-        "array": {"shape": list(arr.shape), "dtype": str(arr.dtype)},
-        "keys_sample": list(tf.keys[:5]),
+        "header": src.header,
+        "count": len(src),
+        "kind": first.kind,
+        "array": {"shape": [len(src), *arr.shape[1:]], "dtype": str(arr.dtype)},
+        "keys_sample": list(first.keys[:5]),
     }
-    rate = token_rate(tf.header, arr)
+    if src.manifest is not None:
+        out["shards"] = src.shards
+    rate = token_rate(src.header, arr)
     if rate:
         out["rate"] = rate
     if path != "-":
         out["bytes"] = bytes_report(path)
     return out
+
+
+def describe_set_in_progress(path: str) -> dict[str, Any]:
+    """A token set whose encode has not finished (no manifest yet): how far it got, from its shard records."""
+    import json
+
+    from tokcli.core.set_writer import PROGRESS, shard_count
+
+    recs = []
+    for p in sorted(Path(path, PROGRESS).glob("part-*.json")):
+        try:
+            recs.append(json.loads(p.read_text(encoding="utf-8")))
+        except (ValueError, OSError):
+            continue
+    fp = next((r["set"] for r in recs if isinstance(r.get("set"), dict)), {})
+    total = shard_count(fp["inputs"], fp["shard_size"]) if fp.get("inputs") is not None else None
+    return {"type": "token_set_in_progress", "path": path, "complete": False, "shards_done": len(recs),
+            "shards": total, "images_done": sum(int(r.get("count", 0)) for r in recs), "inputs": fp.get("inputs"),
+            "failed": sum(len(r.get("failed") or []) for r in recs), "model_sha256": fp.get("model_sha256"),
+            "how": "run the same tok encode command again to finish it (verified shards are kept)"}
 
 
 def token_rate(header: dict, arr) -> dict[str, Any] | None:
@@ -86,9 +111,13 @@ def describe_path(path: str, verify: bool = False) -> dict[str, Any]:
     from tokcli.core.registry import entries, looks_like_path
     from tokcli.errors import TokError
 
+    from tokcli.core.set_writer import PROGRESS
+
     p = Path(path)
     if path == "-" or (p.is_file() and p.suffix == ".npz") or (p.is_dir() and (p / "manifest.json").is_file()):
         return describe_token_file(path)
+    if p.is_dir() and (p / PROGRESS).is_dir():
+        return describe_set_in_progress(path)
     if p.is_file():
         # any other file: try it as a token file (gives a clear error if it is not one)
         return describe_token_file(path)

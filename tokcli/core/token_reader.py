@@ -198,9 +198,10 @@ def _open_source(path: str | os.PathLike) -> tuple[BinaryIO, str, int]:
     return f, str(p), os.fstat(f.fileno()).st_size
 
 
-def _load_members(f: BinaryIO, name: str, size: int) -> dict[str, np.ndarray]:
+def _load_members(f: BinaryIO, name: str, size: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The known arrays of an .npz, each checked from its .npy header before a byte of its data is read
-    (:func:`_plan_members`); every failure is a one-line TokError."""
+    (:func:`_plan_members`), and the bytes each occupies in the archive (deflated size where deflated); every
+    failure is a one-line TokError."""
     if size == 0:
         raise TokError(f"{name} is empty (0 bytes), not a token file")
     magic = f.read(4)
@@ -212,7 +213,8 @@ def _load_members(f: BinaryIO, name: str, size: int) -> dict[str, np.ndarray]:
             plan = _plan_members(z, name, size)
             header = _read_member(z, plan["header"], name)
             _check_against_header(plan, _parse_header(header, name), name)
-            return {k: (header if k == "header" else _read_member(z, m, name)) for k, m in plan.items()}
+            stored = {k: int(m.info.compress_size) for k, m in plan.items()}
+            return {k: (header if k == "header" else _read_member(z, m, name)) for k, m in plan.items()}, stored
     except TokError:
         raise
     except MemoryError:
@@ -330,12 +332,18 @@ def _validate(members: dict[str, np.ndarray], name: str) -> TokenFile:
     return TokenFile(header=header, keys=keys, kind=kind, array=arr, labels=labels)
 
 
+def member_bytes(members: dict[str, np.ndarray], stored: dict[str, int], kind: str) -> dict[str, int]:
+    """Bytes per member for ``tok info``: the payload's raw bytes, the others' bytes in the archive."""
+    return {k: int(members[k].nbytes) if k == kind else stored[k] for k in members}
+
+
 def read_one(path: str | os.PathLike) -> tuple[TokenFile, dict[str, int], int]:
+    """(TokenFile, bytes per member as :func:`member_bytes` counts them, file size)."""
     f, name, size = _open_source(path)
     with f:
-        members = _load_members(f, name, size)
+        members, stored = _load_members(f, name, size)
     tf = _validate(members, name)
-    return tf, {k: int(v.nbytes) for k, v in members.items()}, size
+    return tf, member_bytes(members, stored, tf.kind), size
 
 
 def read_token_file(path: str | os.PathLike) -> TokenFile:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tokcli.core.token_reader import (MANIFEST, PAYLOADS, TokenFile, _check_format, _load_members, _plan_members,
-                                      _validate, read_one, unpack_bits)
+                                      _validate, member_bytes, read_one, unpack_bits)
 from tokcli.errors import TokError
 
 SHARD_PREFIX = "part-"
@@ -82,12 +82,12 @@ def read_shard(directory: Path, entry: dict) -> tuple[TokenFile, dict[str, int],
     if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise TokError(f"{directory}: shard {entry['file']} does not match its sha256 in {MANIFEST} "
                        "(damaged or replaced)")
-    members = _load_members(io.BytesIO(data), str(spath), len(data))
+    members, stored = _load_members(io.BytesIO(data), str(spath), len(data))
     tf = _validate(members, str(spath))
     if len(tf) != entry["count"]:
         raise TokError(f"{directory}: shard {entry['file']} holds {len(tf)} images but {MANIFEST} says "
                        f"{entry['count']}")
-    return tf, {k: int(v.nbytes) for k, v in members.items()}, len(data)
+    return tf, member_bytes(members, stored, tf.kind), len(data)
 
 
 class TokenSource:
@@ -174,10 +174,10 @@ def read_set(directory: Path) -> TokenFile:
 
 
 def bytes_report(path) -> dict[str, Any]:
-    """Where the bytes of a token file (or set) go, for ``tok info``. payload/keys/labels/header_bytes are the raw
-    array bytes; overhead_bytes is everything else (.npy and zip headers, the manifest). Per-image figures divide
-    by N (None when N is 0). A set is read one shard at a time, each verified against the manifest
-    (``verified``: the number of shards whose sha256 matched)."""
+    """Where the bytes of a token file (or set) go, for ``tok info``: payload_bytes are the raw array bytes;
+    keys/labels/header_bytes what those members occupy in the files (deflated); overhead_bytes the rest (.npy and
+    zip headers, the manifest). Per-image figures divide by N (None when N is 0). A set is read one shard at a time,
+    each verified against the manifest (``verified``)."""
     directory = set_folder(path)
     sums = {"n": 0, "file": 0, "payload": 0, "keys": 0, "labels": 0, "header": 0}
     first: TokenFile | None = None

@@ -104,7 +104,7 @@ def encode_crops(cfg: DataSection, seed: int, *, device: str = "cpu") -> Path:
 def ensure_tokens(cfg: DataSection, seed: int, *, device: str = "cpu") -> Path:
     """The token file to train on: ``cfg.tokens``, first encoded from random crops when ``cfg.tokenizer`` is set
     and the file does not exist (rank 0 of a distributed run encodes, the others wait)."""
-    from tokcli.core.token_reader import read_token_file
+    from tokcli.core.token_set import open_tokens
 
     if not cfg.tokens:
         raise TokUsageError("this objective trains on token data: set [data] tokens = \"codes.npz\" (a tok encode "
@@ -119,7 +119,7 @@ def ensure_tokens(cfg: DataSection, seed: int, *, device: str = "cpu") -> Path:
             if dist.is_initialized():
                 dist.barrier()
         else:
-            made = read_token_file(path).header.get("crops")
+            made = open_tokens(path).header.get("crops")  # a set: its manifest, no shard read
             if made != crops_record(cfg, seed):
                 how = made or "no crops record"
                 raise TokUsageError(f"{path} exists but was not made from this recipe's crops ({how}); delete it to "
@@ -130,7 +130,7 @@ def ensure_tokens(cfg: DataSection, seed: int, *, device: str = "cpu") -> Path:
 
 
 def file_labels(tf) -> tuple[np.ndarray | None, list[str] | None]:
-    """(int64 labels or None, class names or None) of a TokenFile."""
+    """(int64 labels or None, class names or None) of a TokenFile or TokenArrays (``labels`` and ``header``)."""
     from tokcli.core.labels import header_classes
 
     if tf.labels is None:
@@ -150,23 +150,40 @@ class TokenData:
     """See the module docstring. ``header``: the token file's header (which tokenizer, the token spec)."""
 
     def __init__(self, cfg: DataSection, *, seed: int, rank: int = 0, world_size: int = 1):
-        from tokcli.core.token_reader import read_token_file
+        from tokcli.core.token_set import TokenArrays
 
         self.cfg, self.seed, self.rank, self.world_size = cfg, int(seed), rank, world_size
         self.path = ensure_tokens(cfg, seed)
-        tf = read_token_file(self.path)
-        if tf.kind != "indices" or not len(tf):
-            raise TokError(f"{self.path} holds {len(tf)} images of {tf.kind}; a token generator trains on ids "
-                           "(indices) of at least one image")
-        self.header = tf.header
-        self.tokens = torch.from_numpy(tf.array.reshape(len(tf), -1).astype(np.int64))
-        labels, self.classes = file_labels(tf)
+        self.data = TokenArrays(self.path)  # a set is validated shard by shard, then mapped from disk, not loaded
+        self.check(self.data)
+        self.header = self.data.header
+        self.setup()
+        labels, self.classes = file_labels(self.data)
         self.has_labels = labels is not None
-        self.labels = torch.from_numpy(labels) if labels is not None else torch.zeros(len(tf), dtype=torch.long)
+        self.labels = torch.from_numpy(labels) if labels is not None else torch.zeros(len(self.data), dtype=torch.long)
         self._perms: dict[int, np.ndarray] = {}
 
+    def check(self, data) -> None:
+        """Refuse tokens this objective cannot train on (one line)."""
+        if data.kind != "indices" or not len(data):
+            raise TokError(f"{self.path} holds {len(data)} images of {data.kind}; a token generator trains on ids "
+                           "(indices) of at least one image")
+
+    def setup(self) -> None:
+        """What a subclass derives from the header (e.g. latent normalisation)."""
+
+    def rows(self, index) -> torch.Tensor:
+        """The training tensors of images ``index`` (global positions): int64 ids [B, T], flattened in file order."""
+        arr = self.data.gather(index)
+        return torch.from_numpy(arr.reshape(len(arr), -1).astype(np.int64))
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Every image's rows at once (small sets and checks; training gathers batches with :meth:`rows`)."""
+        return self.rows(np.arange(len(self)))
+
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.data)
 
     def for_rank(self, rank: int, world_size: int) -> "TokenData":
         """The same data (tensors shared, nothing read again) batched for ``rank`` of ``world_size``."""
@@ -191,7 +208,7 @@ class TokenData:
         b, n = self.cfg.batch_size, len(self)
         first = (micro * self.world_size + self.rank) * b
         idx = torch.as_tensor([int(self._perm(p // n)[p % n]) for p in range(first, first + b)])
-        return {"tokens": self.tokens[idx], "labels": self.labels[idx]}
+        return {"tokens": self.rows(idx.numpy()), "labels": self.labels[idx]}
 
     def batches(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         return (self.batch(m) for m in itertools.count(start))

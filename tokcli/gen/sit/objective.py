@@ -36,7 +36,7 @@ from torch import nn
 from tokcli.errors import TokError, TokUsageError
 from tokcli.train.objective import Objective
 from tokcli.train.recipe import DataSection, LossSection
-from tokcli.train.token_data import TokenData, ensure_tokens, file_labels
+from tokcli.train.token_data import TokenData, ensure_tokens
 
 #: what the exported folder samples with (``tok generate`` flags override): the ODE needs no score, and
 #: ``path_type = "linear"`` keeps ``--sampler sde`` on the path trained here
@@ -90,25 +90,18 @@ class LatentTokenData(TokenData):
     (normalised, see the module docstring), "labels": int64 [B]}``, the same pure function of (seed, micro-batch,
     rank) (the permutation and batching are TokenData's)."""
 
-    def __init__(self, cfg: DataSection, *, seed: int, rank: int = 0, world_size: int = 1):
-        from tokcli.core.token_reader import read_token_file
-
-        self.cfg, self.seed, self.rank, self.world_size = cfg, int(seed), rank, world_size
-        self.path = ensure_tokens(cfg, seed)
-        tf = read_token_file(self.path)
-        if tf.kind != "latents" or tf.array.ndim != 3 or not len(tf):
-            raise TokError(f"{self.path} holds {len(tf)} images of {tf.kind} of shape {list(tf.array.shape[1:])}; "
+    def check(self, data) -> None:
+        if data.kind != "latents" or len(data.shape) != 2 or not len(data):
+            raise TokError(f"{self.path} holds {len(data)} images of {data.kind} of shape {list(data.shape)}; "
                            "the SiT generator trains on latents [N, L, C] (tok encode with a SoftVQ tokenizer) of "
                            "at least one image")
-        self.header = tf.header
-        self.mean, self.std = latent_scale(tf.header, str(self.path))
-        z = torch.from_numpy(np.asarray(tf.array, dtype=np.float32))
-        self.tokens = (z - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else z
-        labels, self.classes = file_labels(tf)
-        self.has_labels = labels is not None
-        self.labels = torch.from_numpy(labels) if labels is not None else torch.zeros(len(tf), dtype=torch.long)
-        self._perms: dict[int, np.ndarray] = {}
 
+    def setup(self) -> None:
+        self.mean, self.std = latent_scale(self.header, str(self.path))
+
+    def rows(self, index) -> torch.Tensor:
+        z = torch.from_numpy(np.asarray(self.data.gather(index), dtype=np.float32))
+        return (z - self.mean) / self.std if (self.mean, self.std) != (0.0, 1.0) else z
 
 
 def flow_pair(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +130,7 @@ class SiTFlowObjective(Objective):
 
     def args_from_data(self) -> dict[str, Any]:
         d, given = self.tokens, dict(self.recipe.model.model_args)
-        L, C = d.tokens.shape[1:]
+        L, C = d.data.shape
         found = {"input_size": int(L), "in_channels": int(C)}
         for k, v in found.items():
             if k in given and given[k] != v:
