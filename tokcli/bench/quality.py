@@ -29,28 +29,28 @@ UINT8 = "round(clamp((x + 1) * 127.5)) for both images"
 
 @dataclass(frozen=True)
 class Options:
-    """The keywords of :func:`evaluate` (see there)."""
+    """The keywords of :func:`evaluate` (see there; the same defaults)."""
 
-    model: str | None
-    metrics: tuple
-    n: int | None
-    image_size: int | None
-    batch_size: int
-    workers: int
-    seed: int
-    precision: str
-    skip_errors: bool
-    quiet: bool
-    save_recon: str | None
-    psnr_mode: str
-    ssim_mode: str
-    lpips_net: str
-    lpips_weights: str | None
-    inception_weights: str | None
-    ref_stats: str | None
-    strict: bool
-    grid: int
-    inputs: Any
+    model: str | None = None
+    metrics: tuple = ("psnr", "ssim", "usage", "bpp")
+    n: int | None = None
+    image_size: int | None = None
+    batch_size: int = 8
+    workers: int = 0
+    seed: int = 0
+    precision: str = "fp32"
+    skip_errors: bool = False
+    quiet: bool = False
+    save_recon: str | None = None
+    psnr_mode: str = "tok"
+    ssim_mode: str = "tok"
+    lpips_net: str = "alex"
+    lpips_weights: str | None = None
+    inception_weights: str | None = None
+    ref_stats: str | None = None
+    strict: bool = True
+    grid: int = 8
+    inputs: Any = None
     download: bool = False
     latent_dtype: str | None = None
     sampler: Any = None

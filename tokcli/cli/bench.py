@@ -1,6 +1,8 @@
 """`tok bench`: one evaluation protocol for every tokenizer (docs/evaluation.md).
 
     tok bench {psnr,ssim,lpips,rfid,usage,all} DATA -m MODEL [--n N] [--size S] [--json] [--report report.md]
+    tok bench {psnr,ssim,lpips,rfid,usage,all} IMAGES --tokens codes/    (score stored tokens, no encode)
+    tok bench usage codes/                                               (usage / bpp from the tokens alone)
     tok bench throughput -m MODEL [--batch-size 1,8] [--size S] [--precision fp32|tf32|bf16]
     tok bench stats DATA -o ref.npz
     tok bench gfid -m GEN --ref-stats ref.npz [--class all] [-n N | --num-samples N] [--steps S] [--cfg C]
@@ -41,7 +43,8 @@ METRIC_HELP = {
     "lpips": "LPIPS v0.1 (lpips package, AlexNet by default; pretrained backbone from $TORCH_HOME or "
              "--lpips-weights)",
     "rfid": "rFID: FID Inception statistics of the originals (or --ref-stats) vs the reconstructions",
-    "usage": "Codebook usage and perplexity per group, bits per pixel",
+    "usage": "Codebook usage and perplexity per group, bits per pixel (DATA may be one token set folder or .npz: "
+             "then from the stored tokens alone)",
     "all": "Every metric in one pass over the reconstructions (metrics whose weights are missing are skipped and "
            "listed, unless --strict)",
 }
@@ -99,12 +102,42 @@ def _check_output_paths(*paths: Optional[str], folders: tuple = ()) -> None:
             raise TokUsageError(f"cannot write {p}: {parent} is a file, not a folder")
 
 
+TokensOpt = Annotated[Optional[str], typer.Option("--tokens", help="score these stored tokens (a token set folder "
+                                                                   "or .npz from tok encode) instead of encoding "
+                                                                   "DATA again; DATA are their original images")]
+
+
+def _evaluate(which: str, data: list[str], tokens: Optional[str], kw: dict):
+    """The image bench, the bench of stored tokens against DATA (``--tokens``), or, for ``usage`` of a single
+    token set / file, the token-only figures (tokcli/bench/stored.py)."""
+    from tokcli.bench import stored
+    from tokcli.core.images import collect_inputs
+    from tokcli.errors import TokUsageError
+
+    if tokens is None and len(data) == 1 and stored.looks_like_tokens(data[0]):
+        if which != "usage":
+            raise TokUsageError(f"{data[0]} holds tokens; tok bench {which} needs their images too: "
+                                f"tok bench {which} IMAGES --tokens {data[0]}")
+        if kw["save_recon"]:
+            raise TokUsageError("--save-recon: tok bench usage of stored tokens decodes nothing")
+        return stored.evaluate_tokens(data[0], **kw)
+    if tokens == "-" and "-" in data:
+        raise TokUsageError("--tokens - and DATA - cannot both read stdin")
+    items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
+    if tokens is not None:
+        return stored.evaluate_stored(items, tokens, **kw)
+    from tokcli.bench import evaluate
+
+    return evaluate(items, **kw)
+
+
 def _metric_command(which: str):
     def command(
         data: DataArg,
         model: ModelOpt = None,
         n: Annotated[Optional[int], typer.Option("--n", min=1, help="only the first N images (sorted order)")] = None,
         size: SizeOpt = None,
+        tokens: TokensOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the full result as one JSON line")] = False,
         output: Annotated[Optional[str], typer.Option("--output", "-o", help="also write the JSON here")] = None,
         report: Annotated[Optional[str], typer.Option("--report", help="write a markdown report with a "
@@ -137,18 +170,14 @@ def _metric_command(which: str):
         quiet: QuietOpt = False,
     ):
         with cli_errors():
-            from tokcli.bench import evaluate
-            from tokcli.core.images import collect_inputs
-
             _check_output_paths(output, report, folders=(save_recon,))
-            items = collect_inputs(data, stdin=sys.stdin if "-" in data else None)
-            result, errors, grid = evaluate(
-                items, model=model, metrics=SETS[which], n=n, image_size=size, device=device, batch_size=batch_size,
+            result, errors, grid = _evaluate(which, data, tokens, dict(
+                model=model, metrics=SETS[which], n=n, image_size=size, device=device, batch_size=batch_size,
                 workers=workers, seed=seed, precision=precision, skip_errors=skip_errors, quiet=quiet,
                 save_recon=save_recon, psnr_mode=psnr_mode, ssim_mode=ssim_mode, lpips_net=lpips_net,
                 lpips_weights=lpips_weights, inception_weights=inception_weights, ref_stats=ref_stats,
                 strict=strict or which != "all", inputs=data, download=download, latent_dtype=latent_dtype,
-                sampler=sampler_options(steps, cfg, sampler))
+                sampler=sampler_options(steps, cfg, sampler)))
             from tokcli.core.distributed import dist_env
 
             if dist_env()[0] != 0:  # torchrun: rank 0 prints and writes; the others share its exit code
