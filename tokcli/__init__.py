@@ -29,9 +29,10 @@ def _discover_families() -> None:
 _registry.add_discovery(_discover_families)
 
 
-def _load_kind(name_or_path: str | None, device: str, kind: str):
-    """The ready model of ``name_or_path``, refused with one line when its family is not of ``kind``."""
-    from tokcli.core.device import resolve_device
+def _load_kind(name_or_path: str | None, device: str, kind: str, memory_format: str | None = None):
+    """The ready model of ``name_or_path``, refused with one line when its family is not of ``kind``; a
+    convolutional tokenizer in the memory layout :func:`tokcli.core.device.memory_format_for` picks."""
+    from tokcli.core.device import memory_format_for, resolve_device
     from tokcli.core.model import TokModel
     from tokcli.errors import TokUsageError
 
@@ -41,13 +42,20 @@ def _load_kind(name_or_path: str | None, device: str, kind: str):
         how = "tokcli.load_generator / `tok generate -m`" if fam.kind == "generator" else "tokcli.load / `tok decode -m`"
         raise TokUsageError(f"{name_or_path or folder.path} is a {fam.kind} ({folder.family}), not a {kind}: "
                             f"load it with {how}")
-    return TokModel.from_folder(folder, device=str(resolve_device(device)))
+    dev = resolve_device(device)
+    fmt = memory_format_for(dev, memory_format)  # an unknown one is refused before the weights are read
+    model = TokModel.from_folder(folder, device=str(dev))
+    if getattr(model, "conv_layout", False):
+        model.set_memory_format(fmt)
+    return model
 
 
-def load(name_or_path: str | None = None, device: str = "auto"):
+def load(name_or_path: str | None = None, device: str = "auto", memory_format: str | None = None):
     """Resolve a model name or path (None = the shipped default model) to a model folder and return the ready
-    (eval-mode, no-grad) tokenizer. A generator folder is refused (:func:`load_generator` loads those)."""
-    return _load_kind(name_or_path, device, "tokenizer")
+    (eval-mode, no-grad) tokenizer. A generator folder is refused (:func:`load_generator` loads those).
+    ``memory_format`` ("auto", "channels_last", "contiguous"; default ``$TOK_MEMORY_FORMAT`` or "auto"): the layout
+    of a convolutional tokenizer (WeTok, KL, CODA); "auto" is the one measured fastest on the device type."""
+    return _load_kind(name_or_path, device, "tokenizer", memory_format)
 
 
 def load_generator(name_or_path: str, device: str = "auto"):

@@ -63,15 +63,17 @@ def _check_parity(model, expected, prefix):
 
 
 @needs_parity
-def test_parity_plain(models, expected):
-    m = models["plain"]
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parity_plain(models, expected, layout):
+    m = models["plain"].set_memory_format(layout)  # channels-last: the CPU default of tokcli.load
     assert not m.stochastic_decoder
     _check_parity(m, expected, "")
 
 
 @needs_parity
-def test_parity_generative_decoder(models, expected):
-    m = models["gd"]
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parity_generative_decoder(models, expected, layout):
+    m = models["gd"].set_memory_format(layout)
     assert m.stochastic_decoder and m.decoder.conv_in.in_channels == 32
     _check_parity(m, expected, "gd_")
 

@@ -84,3 +84,26 @@ def float32_region(x):
 def as_float32(t):
     """A floating tensor as float32 (autocast outputs are bfloat16); anything else as it is."""
     return t.float() if getattr(t, "is_floating_point", lambda: False)() else t
+
+
+# --------------------------------------------------------------------------------------------------------
+# memory layout of the convolutional families
+# --------------------------------------------------------------------------------------------------------
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+#: the layout "auto" picks per device type, from measurements (benchmarks/README.md "Convolutional families"):
+#: on CPU oneDNN's channels-last convolutions are ~1.4x faster for the released WeTok widths with the same tokens;
+#: on CUDA no measurement was made yet, so the layout stays what it always was.
+AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
+
+
+def memory_format_for(device, requested: str | None = None) -> str:
+    """The layout a convolutional tokenizer runs in on ``device``: ``requested``, else ``$TOK_MEMORY_FORMAT``,
+    else ``auto`` (:data:`AUTO_MEMORY_FORMAT`)."""
+    import torch
+
+    fmt = (requested or os.environ.get("TOK_MEMORY_FORMAT") or "auto").lower().replace("-", "_")
+    if fmt not in MEMORY_FORMATS:
+        raise TokUsageError(f"unknown memory format {fmt!r} (use {', '.join(MEMORY_FORMATS)}; TOK_MEMORY_FORMAT)")
+    if fmt == "auto":
+        fmt = AUTO_MEMORY_FORMAT.get(torch.device(device).type, "contiguous")
+    return fmt

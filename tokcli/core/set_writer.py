@@ -13,7 +13,7 @@ the set made by one process. While a set is being written its folder holds:
 ``manifest.json`` is written last, by rank 0, and the progress folder removed; a reader refuses a folder without it.
 
 The **fingerprint** is everything that decides the tokens: model weights (sha256), family, token spec, preprocess,
-precision, latent dtype, posterior sampling, labels, shard size and the input list (count and sha256 of the keys).
+precision, memory layout, latent dtype, posterior sampling, labels, shard size and the input list (count and sha256 of the keys).
 Re-running on a folder made with another fingerprint is refused, naming the first difference; a shard whose file
 does not match its record's sha256 (damaged, replaced) is encoded again. Verified shards are kept.
 """
@@ -34,8 +34,9 @@ from tokcli.core.token_set import SHARD_PREFIX, read_manifest, shard_name
 from tokcli.errors import TokError
 
 PROGRESS = ".tok-progress"
-FINGERPRINT_FIELDS = ("model_sha256", "family", "tokens", "preprocess", "precision", "latent_dtype", "labels",
-                      "shard_size", "inputs", "inputs_sha256")
+HEADER_FIELDS = ("model_sha256", "family", "tokens", "preprocess", "precision", "memory_format", "latent_dtype",
+                 "labels")
+FINGERPRINT_FIELDS = (*HEADER_FIELDS, "shard_size", "inputs", "inputs_sha256")
 
 
 def keys_sha256(keys: Sequence[str]) -> str:
@@ -47,7 +48,7 @@ def keys_sha256(keys: Sequence[str]) -> str:
 
 def fingerprint(header: dict[str, Any], keys: Sequence[str], shard_size: int) -> dict[str, Any]:
     """The settings that decide a set's tokens (module docstring), from its token header."""
-    fp = {k: header.get(k) for k in FINGERPRINT_FIELDS[:7]}
+    fp = {k: header.get(k) for k in HEADER_FIELDS}
     fp.update(shard_size=int(shard_size), inputs=len(keys), inputs_sha256=keys_sha256(keys))
     return fp
 

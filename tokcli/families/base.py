@@ -81,6 +81,26 @@ class Tokenizer(TokModel):
     stochastic_decoder: bool = False
     #: keys of ``spec.extra`` a token file must match to be decoded by this model (what the decoder depends on).
     header_checked_extra: tuple[str, ...] = ()
+    #: convolutional families run in the layout :func:`tokcli.core.device.memory_format_for` picks (set at load by
+    #: :meth:`set_memory_format`); images and latents enter their networks through :meth:`in_layout`.
+    conv_layout: bool = False
+    memory_format: str = "contiguous"
+
+    def set_memory_format(self, fmt: str) -> "Tokenizer":
+        """Put the 4-D weights and the inputs of the networks in ``fmt`` ("channels_last" / "contiguous")."""
+        from tokcli.nn.norm import accurate_group_norms
+
+        self.memory_format = fmt
+        if fmt == "channels_last":
+            accurate_group_norms(self)  # PyTorch's channels-last GroupNorm is not (tokcli/nn/norm.py)
+        return self.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+
+    def in_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """A 4-D image / latent tensor in the model's layout (a no-op when it already is)."""
+        if t.dim() != 4:
+            return t
+        return t.contiguous(memory_format=torch.channels_last if self.memory_format == "channels_last"
+                            else torch.contiguous_format)
 
     # --- the contract -------------------------------------------------------------------------------
     @property
@@ -124,7 +144,7 @@ class Tokenizer(TokModel):
             raise TokError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of {m} (what the "
                            f"{self.family} model needs)")
         p = next(self.parameters(), None)
-        return x if p is None else x.to(device=p.device, dtype=p.dtype)
+        return self.in_layout(x if p is None else x.to(device=p.device, dtype=p.dtype))
 
     def token_tensor(self, tokens, shape: Sequence[int | str], *, integer: bool) -> torch.Tensor:
         """Tokens as a batched tensor on the model's device (int64 ids, or float32 latents), with a one-line

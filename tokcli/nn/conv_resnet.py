@@ -7,8 +7,9 @@ upsampling, and adaptive GroupNorm in the decoder (styled by the quantized laten
     encoder: conv_in, down.{i}.block.{j}, down.{i}.downsample, mid_block.{j}, norm_out, conv_out
     decoder: conv_in, mid_block.{j}, adaptive.{i}, up.{i}.block.{j}, up.{i}.upsample.conv1, norm_out, conv_out
 
-Level i = 0 is the highest resolution. Tensors are contiguous NCHW throughout; at inference (grad disabled) the
-activations run in place to save memory traffic.
+Level i = 0 is the highest resolution. Tensors keep the layout of the input (contiguous NCHW, or channels-last,
+where oneDNN's convolutions are faster on CPU; GroupNorm is then the accurate :func:`tokcli.nn.norm.group_norm`); at
+inference (grad disabled) the activations run in place to save memory traffic.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokcli.nn.norm import GroupNorm, group_norm
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -30,7 +33,7 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 
 def Normalize(channels: int, affine: bool = True) -> nn.GroupNorm:
-    return nn.GroupNorm(GN_GROUPS, channels, eps=GN_EPS, affine=affine)
+    return GroupNorm(GN_GROUPS, channels, eps=GN_EPS, affine=affine)  # accurate in channels-last too
 
 
 class ResBlock(nn.Module):
@@ -101,7 +104,7 @@ class AdaptiveGroupNorm(nn.Module):
         b = x.shape[0]
         scale = self.gamma(std).view(b, self.channels, 1, 1)
         shift = self.beta(mean).view(b, self.channels, 1, 1)
-        x = F.group_norm(x, GN_GROUPS, eps=GN_EPS)
+        x = group_norm(x, GN_GROUPS, eps=GN_EPS)
         if torch.is_grad_enabled():
             return x * scale + shift
         return x.mul_(scale).add_(shift)

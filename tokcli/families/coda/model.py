@@ -66,6 +66,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 
 class Coda(Tokenizer):
     family = FAMILY
+    conv_layout = True  # convolutional networks: run channels-last where that measures faster
 
     def __init__(self, **model_args):
         super().__init__()
@@ -125,7 +126,7 @@ class Coda(Tokenizer):
         tokens = self.token_tensor(tokens, (q.num_tokens,), integer=True)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= q.codebook_size):
             raise TokError(f"CODA token ids must lie in [0, {q.codebook_size})")
-        return self.vae.decode(q.decode_ids(tokens))
+        return self.vae.decode(self.in_layout(q.decode_ids(tokens)))
 
     def forward(self, x: torch.Tensor):
         """Training forward: (reconstruction, aux with the quantizer's vq and entropy losses and the ids)."""

@@ -73,6 +73,7 @@ def normalize_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
 
 class WeTok(Tokenizer):
     family = FAMILY
+    conv_layout = True  # convolutional networks: run channels-last where that measures faster
 
     def __init__(self, **model_args):
         super().__init__()
@@ -147,6 +148,7 @@ class WeTok(Tokenizer):
     def decode_codes(self, codes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """+-1 codes [B, z, h, w] -> raw (unclamped) images. The generative decoder draws global-RNG noise when
         ``noise`` is None (like the official ``randn_like``)."""
+        codes = self.in_layout(codes)
         if not self.generative:
             if noise is not None:
                 raise TokError("this wetok model has a deterministic decoder: it takes no noise")
@@ -155,7 +157,7 @@ class WeTok(Tokenizer):
             noise = self.make_noise(codes)
         elif tuple(noise.shape) != tuple(codes.shape):
             raise TokError(f"noise must have the latent's shape {tuple(codes.shape)}, got {tuple(noise.shape)}")
-        return self.decoder(codes, noise.to(device=codes.device, dtype=codes.dtype))
+        return self.decoder(codes, self.in_layout(noise.to(device=codes.device, dtype=codes.dtype)))
 
     def _decode(self, tokens: torch.Tensor, *, seed: int | Sequence[int] | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
