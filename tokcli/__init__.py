@@ -29,7 +29,8 @@ def _discover_families() -> None:
 _registry.add_discovery(_discover_families)
 
 
-def _load_kind(name_or_path: str | None, device: str, kind: str, memory_format: str | None = None):
+def _load_kind(name_or_path: str | None, device: str, kind: str, memory_format: str | None = None,
+               compile: bool = False):
     """The ready model of ``name_or_path``, refused with one line when its family is not of ``kind``; a
     convolutional tokenizer in the memory layout :func:`tokcli.core.device.memory_format_for` picks."""
     from tokcli.core.device import memory_format_for, resolve_device
@@ -47,15 +48,21 @@ def _load_kind(name_or_path: str | None, device: str, kind: str, memory_format: 
     model = TokModel.from_folder(folder, device=str(dev))
     if getattr(model, "conv_layout", False):
         model.set_memory_format(fmt)
+    if compile:
+        if not hasattr(model, "compile_networks"):
+            raise TokUsageError(f"--compile is for tokenizers; {folder.family} models are not compiled")
+        model.compile_networks()
     return model
 
 
-def load(name_or_path: str | None = None, device: str = "auto", memory_format: str | None = None):
+def load(name_or_path: str | None = None, device: str = "auto", memory_format: str | None = None,
+         compile: bool = False):
     """Resolve a model name or path (None = the shipped default model) to a model folder and return the ready
     (eval-mode, no-grad) tokenizer. A generator folder is refused (:func:`load_generator` loads those).
     ``memory_format`` ("auto", "channels_last", "contiguous"; default ``$TOK_MEMORY_FORMAT`` or "auto"): the layout
-    of a convolutional tokenizer (WeTok, KL, CODA); "auto" is the one measured fastest on the device type."""
-    return _load_kind(name_or_path, device, "tokenizer", memory_format)
+    of a convolutional tokenizer (WeTok, KL, CODA); "auto" is the one measured fastest on the device type.
+    ``compile``: ``torch.compile`` the encoder / decoder (opt-in; benchmarks/README.md has its cost)."""
+    return _load_kind(name_or_path, device, "tokenizer", memory_format, compile)
 
 
 def load_generator(name_or_path: str, device: str = "auto"):

@@ -158,6 +158,7 @@ def token_header(model, ref: str, size: int, precision: str = "fp32", posterior_
         "preprocess": pre,
         "precision": precision,
         **({"memory_format": model.memory_format} if getattr(model, "conv_layout", False) else {}),
+        **({"compiled": True} if getattr(model, "compiled", False) else {}),
         **({"latent_dtype": latent_dtype} if latent_dtype else {}),
         "tok_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

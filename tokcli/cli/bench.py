@@ -20,9 +20,9 @@ from typing import Annotated, Optional
 import typer
 
 from tokcli.cli import generate as gen_cli
-from tokcli.cli.common import (CfgOpt, DeviceOpt, LatentDtypeOpt, ModelOpt, PrecisionOpt, QuietOpt, SamplerOpt,
-                               SeedOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err, report_failures,
-                               sampler_options)
+from tokcli.cli.common import (CfgOpt, CompileOpt, DeviceOpt, LatentDtypeOpt, MemoryFormatOpt, ModelOpt, PrecisionOpt,
+                               QuietOpt, SamplerOpt, SeedOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err,
+                               report_failures, sampler_options)
 
 app = typer.Typer(help="Measure tokenizers under one protocol (JSON with --json; every choice recorded).",
                   no_args_is_help=True)
@@ -212,9 +212,14 @@ def throughput_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON line")] = False,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="also write the JSON here")] = None,
     device: DeviceOpt = "auto",
+    memory_format: MemoryFormatOpt = None,
+    compile: CompileOpt = False,
+    peaks: Annotated[bool, typer.Option("--peaks/--no-peaks", help="measure the device's fp32 matmul / conv peak "
+                                                                   "FLOP/s and report the share reached")] = True,
     quiet: QuietOpt = False,
 ):
-    """Encode / decode / reconstruct images per second and peak memory (warm-up excluded, median of repeats)."""
+    """Encode / decode / reconstruct images per second, peak memory, model GFLOP per image, achieved GFLOP/s and
+    its share of the device's measured fp32 conv peak (warm-up excluded, median of repeats)."""
     with cli_errors():
         from tokcli.bench import throughput
         from tokcli.errors import TokUsageError
@@ -227,7 +232,7 @@ def throughput_cmd(
             raise TokUsageError(f"--batch-size takes a comma list of integers, got {batch_size!r}")
         _check_output_paths(output)
         result = throughput(model, batch_sizes=sizes, size=size, device=device, precision=precision, warmup=warmup,
-                            iters=iters, quiet=quiet)
+                            iters=iters, quiet=quiet, memory_format=memory_format, compile=compile, peaks=peaks)
         if output:
             from tokcli.core.atomic import atomic_write_text
 
@@ -236,9 +241,14 @@ def throughput_cmd(
             print(json.dumps(result), flush=True)
         else:
             for r in result["results"]:
-                print(f"{result['model']['name']}  batch {r['batch']}  encode {r['encode_img_s']:.2f} img/s  "
-                      f"decode {r['decode_img_s']:.2f} img/s  reconstruct {r['reconstruct_img_s']:.2f} img/s",
-                      flush=True)
+                share = lambda d: f" ({100 * r[d + '_of_conv_peak']:.0f}% of conv peak)" if result["limits"] else ""
+                print(f"{result['model']['name']}  batch {r['batch']}  " + "  ".join(
+                    f"{d} {r[d + '_img_s']:.2f} img/s {r[d + '_gflop_s']:.1f} GFLOP/s{share(d)}"
+                    for d in ("encode", "decode")), flush=True)
+            if result["limits"]:
+                lim = result["limits"]
+                print(f"{lim['device']}: fp32 peaks measured: conv {lim['conv_flop_s'] / 1e9:.1f} GFLOP/s, "
+                      f"matmul {lim['matmul_flop_s'] / 1e9:.1f} GFLOP/s", flush=True)
 
 
 @app.command("stats")

@@ -7,21 +7,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokcli.cli.common import (BatchOpt, CfgOpt, DeviceOpt, LatentDtypeOpt, ModelOpt, PosteriorOpt, PrecisionOpt, QuietOpt,
-                               SamplerOpt, SeedOpt, SizeOpt, SkipOpt, StepsOpt, WorkersOpt, cli_errors, err,
-                               report_failures, sampler_options)
+from tokcli.cli.common import (BatchOpt, CfgOpt, CompileOpt, DeviceOpt, LatentDtypeOpt, MemoryFormatOpt, ModelOpt,
+                               PosteriorOpt, PrecisionOpt, QuietOpt, SamplerOpt, SeedOpt, SizeOpt, SkipOpt, StepsOpt,
+                               WorkersOpt, cli_errors, err, report_failures, sampler_options)
 
 InputsArg = Annotated[list[str], typer.Argument(help="image files and/or folders (searched recursively); "
                                                      "- reads a list of paths from stdin")]
 
 
-def _load(model: Optional[str], device: str, precision: str):
-    """The model, loaded under the run's precision (loading may compute, e.g. CODA fuses its LoRA)."""
+def _load(model: Optional[str], device: str, precision: str, speed: dict | None = None):
+    """The model, loaded under the run's precision (loading may compute, e.g. CODA fuses its LoRA); ``speed``:
+    ``memory_format`` / ``compile`` for :func:`tokcli.load`."""
     import tokcli
     from tokcli.core.device import set_precision
 
     set_precision(precision)
-    return tokcli.load(model, device=device)
+    return tokcli.load(model, device=device, **(speed or {}))
 
 
 def _items(inputs: list[str], image_size: int | None):
@@ -50,6 +51,8 @@ def encode_cmd(
     sample_posterior: PosteriorOpt = False,
     seed: SeedOpt = 0,
     precision: PrecisionOpt = "fp32",
+    memory_format: MemoryFormatOpt = None,
+    compile: CompileOpt = False,
     latent_dtype: LatentDtypeOpt = None,
     labels: Annotated[Optional[str], typer.Option("--labels", help="class labels: 'folder' (ImageFolder-style "
                                                                    "ROOT/CLASS/IMAGE; sorted names -> ids 0..C-1, "
@@ -74,14 +77,15 @@ def encode_cmd(
             from tokcli.core.set_writer import check_set_folder
 
             check_set_folder(output)
-            return _encode_set(items, output, model, device, precision, quiet, shard_size=shard_size,
+            return _encode_set(items, output, model, device, precision, quiet,
+                               dict(memory_format=memory_format, compile=compile), shard_size=shard_size,
                                image_size=image_size, batch_size=batch_size, workers=workers,
                                skip_errors=skip_errors, sample_posterior=sample_posterior, seed=seed,
                                latent_dtype=latent_dtype, labels=labels)
         from tokcli import pipeline
 
         pipeline.check_output_file(output)
-        tok = _load(model, device, precision)
+        tok = _load(model, device, precision, dict(memory_format=memory_format, compile=compile))
         res = pipeline.encode(tok, items, ref=pipeline.model_ref(model, tok), output=output, image_size=image_size,
                               batch_size=batch_size, workers=workers, skip_errors=skip_errors, quiet=quiet,
                               precision=precision, sample_posterior=sample_posterior, seed=seed,
@@ -92,7 +96,7 @@ def encode_cmd(
         report_failures(res.errors)
 
 
-def _encode_set(items, output: str, model, device: str, precision: str, quiet: bool, **opts):
+def _encode_set(items, output: str, model, device: str, precision: str, quiet: bool, speed: dict, **opts):
     """`tok encode ... -o DIR/`, on this rank of a torchrun job (or alone)."""
     from tokcli import pipeline
     from tokcli.core.device import resolve_device
@@ -100,7 +104,7 @@ def _encode_set(items, output: str, model, device: str, precision: str, quiet: b
     from tokcli.encode_set import encode_set
 
     with process_group(resolve_device(device)) as (rank, world, dev):
-        tok = _load(model, str(dev), precision)
+        tok = _load(model, str(dev), precision, speed)
         res = encode_set(tok, items, ref=pipeline.model_ref(model, tok), output=output, precision=precision,
                          quiet=quiet, rank=rank, world=world, **opts)
     if rank == 0:
@@ -125,6 +129,8 @@ def decode_cmd(
     cfg: CfgOpt = None,
     sampler: SamplerOpt = None,
     precision: PrecisionOpt = "fp32",
+    memory_format: MemoryFormatOpt = None,
+    compile: CompileOpt = False,
     quiet: QuietOpt = False,
 ):
     """Decode a token file back to PNG images."""
@@ -135,7 +141,8 @@ def decode_cmd(
         options = sampler_options(steps, cfg, sampler)
         src = open_tokens(tokens)  # a set is read one shard at a time
         pipeline.check_output_folder(output)
-        tok = _load(model or src.header.get("model"), device, precision)
+        tok = _load(model or src.header.get("model"), device, precision,
+                    dict(memory_format=memory_format, compile=compile))
         res = pipeline.decode(tok, src, output, batch_size=batch_size, seed=seed, force=force, quiet=quiet,
                               precision=precision, sampler=options)
         err(f"decoded {len(res.written)} image(s) with {tok.name} -> {output}")
@@ -156,6 +163,8 @@ def reconstruct_cmd(
     skip_errors: SkipOpt = False,
     sample_posterior: PosteriorOpt = False,
     precision: PrecisionOpt = "fp32",
+    memory_format: MemoryFormatOpt = None,
+    compile: CompileOpt = False,
     latent_dtype: LatentDtypeOpt = None,
     quiet: QuietOpt = False,
 ):
@@ -166,7 +175,7 @@ def reconstruct_cmd(
         options = sampler_options(steps, cfg, sampler)
         items = _items(inputs, image_size)
         pipeline.check_output_folder(output)
-        tok = _load(model, device, precision)
+        tok = _load(model, device, precision, dict(memory_format=memory_format, compile=compile))
         res = pipeline.reconstruct(tok, items, output, image_size=image_size, batch_size=batch_size,
                                    workers=workers, seed=seed, skip_errors=skip_errors, quiet=quiet,
                                    precision=precision, sampler=options, sample_posterior=sample_posterior,

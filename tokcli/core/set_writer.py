@@ -34,8 +34,8 @@ from tokcli.core.token_set import SHARD_PREFIX, read_manifest, shard_name
 from tokcli.errors import TokError
 
 PROGRESS = ".tok-progress"
-HEADER_FIELDS = ("model_sha256", "family", "tokens", "preprocess", "precision", "memory_format", "latent_dtype",
-                 "labels")
+HEADER_FIELDS = ("model_sha256", "family", "tokens", "preprocess", "precision", "memory_format", "compiled",
+                 "latent_dtype", "labels")
 FINGERPRINT_FIELDS = (*HEADER_FIELDS, "shard_size", "inputs", "inputs_sha256")
 
 

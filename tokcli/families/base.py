@@ -95,6 +95,23 @@ class Tokenizer(TokModel):
             accurate_group_norms(self)  # PyTorch's channels-last GroupNorm is not (tokcli/nn/norm.py)
         return self.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
 
+    #: the sub-networks :meth:`compile_networks` wraps in ``torch.compile`` (dotted attribute paths)
+    compile_targets: tuple[str, ...] = ("encoder", "decoder")
+    compiled: bool = False
+
+    def compile_networks(self, **options) -> "Tokenizer":
+        """``torch.compile`` the encoder and decoder networks (:attr:`compile_targets`) for inference: the first
+        call of each shape compiles (seconds to minutes), later ones run the fused kernels. Rounding may differ from
+        eager mode; token files record ``compiled``."""
+        for path in self.compile_targets:
+            parent, _, name = path.rpartition(".")
+            owner = self.get_submodule(parent) if parent else self
+            net = getattr(owner, name, None)
+            if isinstance(net, torch.nn.Module):
+                setattr(owner, name, torch.compile(net, **options))
+        self.compiled = True
+        return self
+
     def in_layout(self, t: torch.Tensor) -> torch.Tensor:
         """A 4-D image / latent tensor in the model's layout (a no-op when it already is)."""
         if t.dim() != 4:

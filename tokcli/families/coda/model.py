@@ -67,6 +67,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 class Coda(Tokenizer):
     family = FAMILY
     conv_layout = True  # convolutional networks: run channels-last where that measures faster
+    compile_targets = ("vae.vae.encoder", "vae.vae.decoder")  # diffusers' AutoencoderKL halves
 
     def __init__(self, **model_args):
         super().__init__()
@@ -83,10 +84,10 @@ class Coda(Tokenizer):
         self.downsample = 2 ** (len(a["vae"]["ch_mult"]) - 1)
 
     def prepare_for_inference(self) -> None:
-        """Fuse the LoRA into the conv weights (W' = W + up @ down): inference runs at the base VAE's cost.
-        Called by :meth:`TokModel.from_folder` (``inference=True``); the unfused model is what training optimises."""
-        if self.vae.lora_rank:
-            self.vae.merge_lora()
+        """Fuse the LoRA into the conv weights (W' = W + up @ down): inference runs at the base VAE's cost (and
+        the decoder's upsampling at low resolution, :meth:`KLVAE.prepare_for_inference`). Called by
+        :meth:`TokModel.from_folder` (``inference=True``); the unfused model is what training optimises."""
+        self.vae.prepare_for_inference()
 
     @property
     def spec(self) -> TokenSpec:

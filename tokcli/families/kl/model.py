@@ -43,6 +43,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 class KL(Tokenizer):
     family = FAMILY
     conv_layout = True  # convolutional networks: run channels-last where that measures faster
+    compile_targets = ("vae.vae.encoder", "vae.vae.decoder")  # diffusers' AutoencoderKL halves
     # border_pad: decode a latent padded by this many cells (edge values repeated) and crop the image back. A decoder
     # trained on small crops can learn a coloured frame from its zero-padded convolutions (kl-tiny: error x1.8 in
     # the outer 4 px); the padding moves that frame outside the image. 0 = the plain decoder (the default).
@@ -66,6 +67,10 @@ class KL(Tokenizer):
             latent_dim=self.latent_dim, downsample=f,
             layout="rows, columns, channels (channels last); (posterior mean - latent_shift) * latent_scale",
             extra={"latent_scale": a["latent_scale"], "latent_shift": a["latent_shift"], "posterior": "mean"})
+
+    def prepare_for_inference(self) -> None:
+        """The decoder's upsampling computed at low resolution (:meth:`KLVAE.prepare_for_inference`)."""
+        self.vae.prepare_for_inference()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(self.check_images(x)).permute(0, 2, 3, 1).contiguous()
