@@ -11,8 +11,8 @@ the latents and reconstructions. Both sides run under the same precision (exact 
 same cuDNN policy (``--cudnn-benchmark``, off by default: the official scripts pin deterministic algorithms).
 
 tok's side is what ``tokcli.load`` gives on the device: the layout of ``tokcli.core.device.memory_format_for``
-(channels-last on CPU) with the accurate channels-last GroupNorm, WeTok's decoder as always, the KL decoders'
-upsampling at low resolution (``tokcli/nn/phase_upsample.py``). The official WeTok side gets the channels-last
+(``--tok-layout`` overrides it; channels-last uses the accurate GroupNorm), the KL decoders' upsampling at low
+resolution (``tokcli/nn/phase_upsample.py``). The official WeTok side gets the channels-last
 view its data pipeline produces (``get_input`` permutes an NHWC batch); diffusers gets contiguous NCHW as its
 users pass it. Random weights (seeded): speed does not depend on their values.
 """
@@ -76,6 +76,9 @@ def summarise(times: dict, batch: int, ours: str, other: str, what: str) -> dict
             f"{what}_ratio_max": max(per_round)}
 
 
+LAYOUT = {"fmt": None}  # --tok-layout
+
+
 def _tok_wetok(args, size, dev):
     """tok's WeTok as tokcli.load prepares it on ``dev`` (same code path: inference prep + default layout)."""
     from tokcli.core.device import memory_format_for
@@ -85,7 +88,7 @@ def _tok_wetok(args, size, dev):
     m = WeTok(**args, image_size=size)
     m.prepare_for_inference()
     m = m.to(dev).eval().requires_grad_(False)
-    return m.set_memory_format(memory_format_for(dev))
+    return m.set_memory_format(memory_format_for(dev, LAYOUT["fmt"]))
 
 
 def bench_wetok(name, size, batch, dev, rounds, warmup, mods) -> dict:
@@ -130,7 +133,7 @@ def bench_vae(name, size, batch, dev, rounds, warmup) -> dict:
     tok = KL(vae=_vae_configs()[name], latent_scale=1.0, latent_shift=0.0, image_size=size)
     plain = copy.deepcopy(tok.vae.vae).to(dev).eval().requires_grad_(False)  # before tok's inference preparation
     tok.prepare_for_inference()
-    tok = tok.to(dev).eval().requires_grad_(False).set_memory_format(memory_format_for(dev))
+    tok = tok.to(dev).eval().requires_grad_(False).set_memory_format(memory_format_for(dev, LAYOUT["fmt"]))
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(dev)
     row = {"part": "kl", "config": name, "batch": batch, "size": size, "tok_layout": tok.memory_format,
@@ -175,8 +178,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for both sides")
     ap.add_argument("--official-src", type=Path, default=None, help="checkout of github.com/zhuangshaobin/WeTok")
+    ap.add_argument("--tok-layout", default=None, choices=["auto", "contiguous", "channels_last"])
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
+    LAYOUT["fmt"] = a.tok_layout
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)

@@ -65,7 +65,7 @@ def _check_parity(model, expected, prefix):
 @needs_parity
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parity_plain(models, expected, layout):
-    m = models["plain"].set_memory_format(layout)  # channels-last: the CPU default of tokcli.load
+    m = models["plain"].set_memory_format(layout)  # both layouts give the official outputs
     assert not m.stochastic_decoder
     _check_parity(m, expected, "")
 

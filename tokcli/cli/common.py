@@ -39,7 +39,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars"
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the encoder / decoder (the first batch "
                                                             "of each shape compiles; recorded in the token header)")]
 MemoryFormatOpt = Annotated[Optional[str], typer.Option("--memory-format", help="layout of a convolutional "
-                                                         "tokenizer: auto (channels_last on CPU), channels_last, "
+                                                         "tokenizer: auto (the measured faster: contiguous on CPU), channels_last, "
                                                          "contiguous [default: $TOK_MEMORY_FORMAT or auto]")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="sampling steps of a generative decoder "
                                                                          "[default: the model's]")]

@@ -90,10 +90,11 @@ def as_float32(t):
 # memory layout of the convolutional families
 # --------------------------------------------------------------------------------------------------------
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
-#: the layout "auto" picks per device type, from measurements (benchmarks/README.md "Convolutional families"):
-#: on CPU oneDNN's channels-last convolutions are ~1.4x faster for the released WeTok widths with the same tokens;
-#: on CUDA no measurement was made yet, so the layout stays what it always was.
-AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
+#: the layout "auto" picks per device type, from measurements (benchmarks/README.md "Convolutional families"): on
+#: this project's CPU, measured quietly and interleaved, channels-last was 0.90-1.05x contiguous for WeTok (tiny to
+#: released widths) and the MAR / FLUX VAEs, encode and decode, so "auto" keeps contiguous there; on CUDA no
+#: measurement was made yet. Channels-last stays one option away, exact (accurate GroupNorm, same tokens).
+AUTO_MEMORY_FORMAT = {"cpu": "contiguous", "cuda": "contiguous"}
 
 
 def memory_format_for(device, requested: str | None = None) -> str:

@@ -66,7 +66,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 
 class Coda(Tokenizer):
     family = FAMILY
-    conv_layout = True  # convolutional networks: run channels-last where that measures faster
+    conv_layout = True  # convolutional networks: either memory layout (tokcli.core.device.memory_format_for)
     compile_targets = ("vae.vae.encoder", "vae.vae.decoder")  # diffusers' AutoencoderKL halves
 
     def __init__(self, **model_args):

@@ -42,7 +42,7 @@ def normalize_model_args(args: dict[str, Any]) -> dict[str, Any]:
 
 class KL(Tokenizer):
     family = FAMILY
-    conv_layout = True  # convolutional networks: run channels-last where that measures faster
+    conv_layout = True  # convolutional networks: either memory layout (tokcli.core.device.memory_format_for)
     compile_targets = ("vae.vae.encoder", "vae.vae.decoder")  # diffusers' AutoencoderKL halves
     # border_pad: decode a latent padded by this many cells (edge values repeated) and crop the image back. A decoder
     # trained on small crops can learn a coloured frame from its zero-padded convolutions (kl-tiny: error x1.8 in

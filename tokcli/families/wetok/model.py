@@ -73,7 +73,7 @@ def normalize_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
 
 class WeTok(Tokenizer):
     family = FAMILY
-    conv_layout = True  # convolutional networks: run channels-last where that measures faster
+    conv_layout = True  # convolutional networks: either memory layout (tokcli.core.device.memory_format_for)
 
     def __init__(self, **model_args):
         super().__init__()
