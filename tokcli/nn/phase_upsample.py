@@ -49,8 +49,7 @@ class PhaseUpsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         o = self.out_channels
-        y = F.conv2d(x, self.weight.to(memory_format=torch.channels_last) if not x.is_contiguous()
-                     else self.weight, self.bias, padding=1)  # [B, 4 O, h + 1, w + 1]
+        y = F.conv2d(x, self.weight, self.bias, padding=1)  # [B, 4 O, h + 1, w + 1], the input's layout
         phases = [y[:, p * o:(p + 1) * o, i:i + h, j:j + w] for p, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1)))]
         # [B, O, h, w] x 4 -> out[b, c, 2y + i, 2x + j], written channels-last (the layout the next convs prefer on CPU)
         out = torch.stack([p.permute(0, 2, 3, 1) for p in phases], dim=3)  # [B, h, w, 4, O]
