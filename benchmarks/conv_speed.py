@@ -9,6 +9,8 @@ machine slows both alike; reported are the medians over rounds, the ratio other 
 of the per-round ratios (min - max). Outputs are compared: share of equal indices (WeTok) and max |difference| of
 the latents and reconstructions. Both sides run under the same precision (exact fp32, TF32 off) and, on CUDA, the
 same cuDNN policy (``--cudnn-benchmark``, off by default: the official scripts pin deterministic algorithms).
+A second table gives tok's GFLOP per image (PyTorch's flop counter on tok's model), its GFLOP/s and the share of the
+device's fp32 conv peak measured in the same process (``tokcli.bench.limits``; ``--no-peaks`` skips the peak).
 
 tok's side is what ``tokcli.load`` gives on the device: the layout of ``tokcli.core.device.memory_format_for``
 (``--tok-layout`` overrides it; channels-last uses the accurate GroupNorm), the KL decoders' upsampling at low
@@ -77,6 +79,21 @@ def summarise(times: dict, batch: int, ours: str, other: str, what: str) -> dict
 
 
 LAYOUT = {"fmt": None}  # --tok-layout
+PEAK = {"conv_flop_s": None}  # measured once in main (--no-peaks: not measured)
+
+
+def add_limits(row: dict, key: dict, encode_one, decode_one) -> dict:
+    """tok's model GFLOP per image (PyTorch's count, one image) and, with the measured conv peak, the share of it
+    tok's medians reach: "how far from the limit", as ``tok bench throughput`` reports it."""
+    from tokcli.bench.limits import count_flops
+
+    for what, fn in (("encode", encode_one), ("decode", decode_one)):
+        gflop = count_flops({**key, "fn": what}, fn) / 1e9
+        row[f"{what}_gflop_per_img"] = gflop
+        row[f"{what}_tok_gflop_s"] = gflop * row[f"{what}_tok_img_s"]
+        if PEAK["conv_flop_s"]:
+            row[f"{what}_of_conv_peak"] = row[f"{what}_tok_gflop_s"] * 1e9 / PEAK["conv_flop_s"]
+    return row
 
 
 def _tok_wetok(args, size, dev):
@@ -121,6 +138,9 @@ def bench_wetok(name, size, batch, dev, rounds, warmup, mods) -> dict:
                            "official": lambda: off.decode(q_off)}, dev, rounds, warmup)
     row.update(summarise(enc, batch, "tok", "official", "encode"))
     row.update(summarise(dec, batch, "tok", "official", "decode"))
+    with torch.inference_mode():
+        add_limits(row, {"wetok": name, "size": size}, lambda: tok.encode(x[:1]),
+                   lambda: tok.decode(ids[:1], noise=None if noise is None else noise[:1], clamp=False))
     return row
 
 
@@ -149,6 +169,8 @@ def bench_vae(name, size, batch, dev, rounds, warmup) -> dict:
                           dev, rounds, warmup)
     row.update(summarise(enc, batch, "tok", "diffusers", "encode"))
     row.update(summarise(dec, batch, "tok", "diffusers", "decode"))
+    with torch.inference_mode():
+        add_limits(row, {"vae": name, "size": size}, lambda: tok.encode(x[:1]), lambda: tok.decode(lat[:1], clamp=False))
     return row
 
 
@@ -163,6 +185,16 @@ def print_rows(rows):
               f"{r['encode_ratio_max']:.2f}) | {r['decode_tok_img_s']:.3g} / {r['decode_other_img_s']:.3g} | "
               f"**{r['decode_ratio']:.2f}** ({r['decode_ratio_min']:.2f}-{r['decode_ratio_max']:.2f}) | {eq} | "
               f"{r['latent_maxdiff']:.1e} / {r['recon_maxdiff']:.1e} |", flush=True)
+    if not rows or "encode_gflop_per_img" not in rows[0]:
+        return
+    print("\n| part | config | batch | size | encode GFLOP/img | encode GFLOP/s (of conv peak) | decode GFLOP/img | "
+          "decode GFLOP/s (of conv peak) |")
+    print("|---|---|---|---|---|---|---|---|")
+    share = lambda r, d: f" ({100 * r[d + '_of_conv_peak']:.0f} %)" if d + "_of_conv_peak" in r else ""
+    for r in rows:
+        print(f"| {r['part']} | {r['config']} | {r['batch']} | {r['size']} | {r['encode_gflop_per_img']:.1f} | "
+              f"{r['encode_tok_gflop_s']:.1f}{share(r, 'encode')} | {r['decode_gflop_per_img']:.1f} | "
+              f"{r['decode_tok_gflop_s']:.1f}{share(r, 'decode')} |", flush=True)
 
 
 def main(argv=None):
@@ -180,6 +212,7 @@ def main(argv=None):
     ap.add_argument("--official-src", type=Path, default=None, help="checkout of github.com/zhuangshaobin/WeTok")
     ap.add_argument("--tok-layout", default=None, choices=["auto", "contiguous", "channels_last"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-peaks", action="store_true", help="do not measure the device's conv peak")
     a = ap.parse_args(argv)
     LAYOUT["fmt"] = a.tok_layout
     if a.threads:
@@ -193,6 +226,10 @@ def main(argv=None):
         ap.error("--parts wetok needs --official-src (a checkout of zhuangshaobin/WeTok)")
     mods = load_official(a.official_src) if "wetok" in parts else None
     batches = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    if not a.no_peaks:
+        from tokcli.bench.limits import measure_peaks
+
+        PEAK.update(measure_peaks(a.device))
     rows = []
     for part in parts:
         names = (a.wetok if part == "wetok" else a.vae).split(",")
@@ -205,7 +242,9 @@ def main(argv=None):
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
            (platform.processor() or platform.machine()), "threads": torch.get_num_threads(), "rounds": a.rounds,
            "warmup": a.warmup, "cudnn_benchmark": a.cudnn_benchmark, "precision": "fp32 (TF32 off)",
-           "official_src": str(a.official_src) if a.official_src else None}
+           "official_src": str(a.official_src) if a.official_src else None,
+           "conv_peak_gflop_s": PEAK["conv_flop_s"] and PEAK["conv_flop_s"] / 1e9,
+           "matmul_peak_gflop_s": PEAK.get("matmul_flop_s") and PEAK["matmul_flop_s"] / 1e9}
     print(f"# {env}")
     print_rows(rows)
     if a.json:
