@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokcli.errors import TokError, TokUsageError
-from tokcli.train.objective import Objective
+from tokcli.errors import TokError
+from tokcli.gen.objective import GeneratorObjective
 from tokcli.train.recipe import LossSection
 
 
@@ -64,52 +64,22 @@ def masked_ce(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, mask
     return ce, (sel.argmax(-1) == target).float().mean()
 
 
-class MaskGITObjective(Objective):
-    data = "tokens"
+class MaskGITObjective(GeneratorObjective):
+    def model_class(self):
+        from tokcli.gen.maskgit.model import MaskGIT
 
-    def prepare(self) -> None:
-        """Encode the crops when the recipe asks for it, then read the token file's header and labels."""
-        from tokcli.train.token_data import TokenData, ensure_tokens
-
-        ensure_tokens(self.recipe.data, self.recipe.run.seed, device=str(self.device))
-        self.tokens = TokenData(self.recipe.data, seed=self.recipe.run.seed)
-
-    def make_data(self, rank: int = 0, world_size: int = 1):
-        return self.tokens.for_rank(rank, world_size)  # the file prepare() read, not a second read
+        return MaskGIT
 
     def args_from_data(self) -> dict[str, Any]:
-        d, given = self.tokens, dict(self.recipe.model.model_args)
+        d = self.tokens
         spec = d.header["tokens"]
         levels = (spec.get("extra") or {}).get("patch_size_list")
         found = {"token_shape": list(spec["shape"]), "codebook_size": spec.get("codebook_size"),
                  "levels": list(levels) if levels else None}
         if found["codebook_size"] is None:
             raise TokError(f"{d.path}: the header records no tokens.codebook_size")
-        for k, v in found.items():
-            if k in given and given[k] != v:
-                raise TokUsageError(f"{self.recipe.source}: model_args.{k} = {given[k]!r} but the token file "
-                                    f"{d.path} has {v!r}")
-        classes = d.num_classes if d.has_labels else 1
-        want = given.get("num_classes", classes)
-        if not d.has_labels and want != 1:
-            raise TokUsageError(f"{d.path} has no labels but model_args.num_classes = {want} asks for a "
-                                "conditional generator: encode with tok encode --labels folder (or num_classes = 1)")
-        if isinstance(want, int) and want < classes:
-            raise TokUsageError(f"{self.recipe.source}: model_args.num_classes = {want} but {d.path} has labels "
-                                f"0..{classes - 1}")
-        return {**given, **found, "num_classes": want}
-
-    def build_model(self, model_args: dict | None) -> nn.Module:
-        """The MaskGIT of ``model_args`` (a checkpoint's), else of the recipe completed from the token file (the
-        recipe's alone before :meth:`prepare`: a recipe that spells out the token layout builds without data)."""
-        from tokcli.gen.maskgit.model import MaskGIT
-
-        if model_args is None:
-            model_args = self.args_from_data() if hasattr(self, "tokens") else dict(self.recipe.model.model_args)
-        return MaskGIT(**model_args)
-
-    def build_networks(self, model_args: dict | None) -> dict[str, nn.Module]:
-        return {"model": self.build_model(model_args)}
+        self.check_given(found)
+        return {**self.recipe.model.model_args, **found, "num_classes": self.class_count()}
 
     def loss(self, phase: str, nets: Mapping[str, nn.Module], batch: Any, micro: int,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -118,32 +88,17 @@ class MaskGITObjective(Objective):
         ce, acc = masked_ce(nets["model"], tokens, labels, mask, self.recipe.loss.label_smoothing)
         return ce, {"ce": float(ce.detach()), "acc": float(acc), "mask_ratio": float(mask.float().mean())}
 
-    # --- export ---------------------------------------------------------------------------------------------
-    def export_model(self, state: dict[str, torch.Tensor], data) -> nn.Module:
-        model = self.model
-        h = self.tokens.header
-        model.tokenizer_ref = {"name": h.get("model"), "sha256": h.get("model_sha256")}
-        return model
-
     def loss_terms(self) -> list[str]:
         ls = self.recipe.loss.label_smoothing
         return [f"masked cross-entropy (cosine mask ratio{f', label smoothing {ls}' if ls else ''}; label dropout "
                 f"{self.model.model_args['class_dropout_prob']})"]
 
     def card_sections(self, model: nn.Module) -> dict[str, str]:
-        h, a, classes = self.tokens.header, model.model_args, self.tokens.classes
+        a = model.model_args
         scales = f", scales {a['levels']}" if a["levels"] else ""
-        names = ""
-        if classes:
-            names = ": " + ", ".join(classes[:20]) + ("..." if len(classes) > 20 else "")
         return {"Tokenizer and sampling": (
-            f"Samples the ids of the tokenizer `{h.get('model')}` (weights sha256 `{h.get('model_sha256')}`): "
-            f"{math.prod(a['token_shape'])} ids of shape {a['token_shape']} from a codebook of "
-            f"{a['codebook_size']}{scales}; {a['num_classes']} class(es){names}.\n"
+            f"{self.tokenizer_line('ids')}: {math.prod(a['token_shape'])} ids of shape {a['token_shape']} from a "
+            f"codebook of {a['codebook_size']}{scales}; {a['num_classes']} class(es){self.class_names()}.\n"
             f"`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; sampler "
             f"defaults {model.sample_defaults} (MaskGIT decoding: cosine schedule, Gumbel confidence temperature "
             f"annealed to 0, CFG u + cfg (c - u)).")}
-
-    def training_record(self) -> dict[str, Any]:
-        return {"classes": self.tokens.classes, "tokenizer": {"name": self.tokens.header.get("model"),
-                                                              "sha256": self.tokens.header.get("model_sha256")}}

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokcli.errors import TokError, TokUsageError
-from tokcli.train.objective import Objective
+from tokcli.errors import TokError
+from tokcli.gen.objective import GeneratorObjective
 from tokcli.train.recipe import DataSection, LossSection
-from tokcli.train.token_data import TokenData, ensure_tokens
+from tokcli.train.token_data import TokenData
 
 #: what the exported folder samples with (``tok generate`` flags override): the ODE needs no score, and
 #: ``path_type = "linear"`` keeps ``--sampler sde`` on the path trained here
@@ -117,48 +117,26 @@ def flow_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, t: torch.
     return F.mse_loss(model(xt, t, labels).float(), target.float())
 
 
-class SiTFlowObjective(Objective):
+class SiTFlowObjective(GeneratorObjective):
     data = "latents"
+    token_data = LatentTokenData
 
-    def prepare(self) -> None:
-        """Encode the crops when the recipe asks for it, then read the token file (kind, statistics, labels)."""
-        ensure_tokens(self.recipe.data, self.recipe.run.seed, device=str(self.device))
-        self.tokens = LatentTokenData(self.recipe.data, seed=self.recipe.run.seed)
-
-    def make_data(self, rank: int = 0, world_size: int = 1):
-        return self.tokens.for_rank(rank, world_size)  # the file prepare() read, not a second read
-
-    def args_from_data(self) -> dict[str, Any]:
-        d, given = self.tokens, dict(self.recipe.model.model_args)
-        L, C = d.data.shape
-        found = {"input_size": int(L), "in_channels": int(C)}
-        for k, v in found.items():
-            if k in given and given[k] != v:
-                raise TokUsageError(f"{self.recipe.source}: model_args.{k} = {given[k]!r} but the token file "
-                                    f"{d.path} has {v!r} (latents [N, {L}, {C}])")
-        classes = d.num_classes if d.has_labels else 1
-        want = given.get("num_classes", classes)
-        if not d.has_labels and want != 1:
-            raise TokUsageError(f"{d.path} has no labels but model_args.num_classes = {want} asks for a "
-                                "conditional generator: encode with tok encode --labels folder (or num_classes = 1)")
-        if isinstance(want, int) and want < classes:
-            raise TokUsageError(f"{self.recipe.source}: model_args.num_classes = {want} but {d.path} has labels "
-                                f"0..{classes - 1}")
-        return {**given, **found, "num_classes": want}
-
-    def build_model(self, model_args: dict | None) -> nn.Module:
-        """The SiT of ``model_args`` (a checkpoint's), else of the recipe completed from the token file."""
+    def model_class(self):
         from tokcli.gen.sit.model import SiT
 
-        if model_args is None:
-            model_args = self.args_from_data() if hasattr(self, "tokens") else dict(self.recipe.model.model_args)
-        model = SiT(**model_args)
+        return SiT
+
+    def args_from_data(self) -> dict[str, Any]:
+        L, C = self.tokens.data.shape
+        found = {"input_size": int(L), "in_channels": int(C)}
+        self.check_given(found, f" (latents [N, {L}, {C}])")
+        return {**self.recipe.model.model_args, **found, "num_classes": self.class_count()}
+
+    def build_model(self, model_args: dict | None) -> nn.Module:
+        model = super().build_model(model_args)
         guided = model.null_class is not None and model.num_classes > 1  # one class: nothing to guide towards
         model.sample_defaults = {**SAMPLE_DEFAULTS, "cfg": GUIDED_CFG if guided else 1.0}
         return model
-
-    def build_networks(self, model_args: dict | None) -> dict[str, nn.Module]:
-        return {"model": self.build_model(model_args)}
 
     def loss(self, phase: str, nets: Mapping[str, nn.Module], batch: Any, micro: int,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -170,31 +148,18 @@ class SiTFlowObjective(Objective):
         mse = flow_loss(nets["model"], x, labels, t, noise)
         return mse, {"mse": float(mse.detach())}
 
-    # --- export ---------------------------------------------------------------------------------------------
-    def export_model(self, state: dict[str, torch.Tensor], data) -> nn.Module:
-        model = self.model
-        h = self.tokens.header
-        model.tokenizer_ref = {"name": h.get("model"), "sha256": h.get("model_sha256")}
-        return model
-
     def loss_terms(self) -> list[str]:
         t = "U(0, 1)" if self.recipe.loss.t_schedule == "uniform" else "sigmoid(N(0, 1)) (lognormal)"
         return [f"flow matching: MSE of the velocity eps - x at x_t = t eps + (1 - t) x, t ~ {t} (linear path; "
                 f"label dropout {self.model.model_args['class_dropout_prob']})"]
 
     def card_sections(self, model: nn.Module) -> dict[str, str]:
-        h, a, classes, d = self.tokens.header, model.model_args, self.tokens.classes, self.tokens
-        names = ""
-        if classes:
-            names = ": " + ", ".join(classes[:20]) + ("..." if len(classes) > 20 else "")
+        a, d = model.model_args, self.tokens
         scale = "as stored (normalised)" if (d.mean, d.std) == (0.0, 1.0) else f"(z - {d.mean}) / {d.std}"
         return {"Tokenizer and sampling": (
-            f"Samples the latents of the tokenizer `{h.get('model')}` (weights sha256 `{h.get('model_sha256')}`): "
-            f"[{a['input_size']}, {a['in_channels']}] floats, trained on {scale}; {a['num_classes']} class(es)"
-            f"{names}.\n`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; "
+            f"{self.tokenizer_line('latents')}: [{a['input_size']}, {a['in_channels']}] floats, trained on {scale}; {a['num_classes']} class(es)"
+            f"{self.class_names()}.\n`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; "
             f"sampler defaults {model.sample_defaults} (time 1 = noise, 0 = data; CFG u + cfg (c - u)).")}
 
     def training_record(self) -> dict[str, Any]:
-        return {"classes": self.tokens.classes, "latent_scale": {"mean": self.tokens.mean, "std": self.tokens.std},
-                "tokenizer": {"name": self.tokens.header.get("model"),
-                              "sha256": self.tokens.header.get("model_sha256")}}
+        return {**super().training_record(), "latent_scale": {"mean": self.tokens.mean, "std": self.tokens.std}}

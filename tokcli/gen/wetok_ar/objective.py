@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tokcli.errors import TokUsageError
-from tokcli.train.objective import Objective
+from tokcli.gen.objective import GeneratorObjective
 from tokcli.train.recipe import LossSection
 
 
@@ -56,15 +56,11 @@ def token_layout(header: Mapping[str, Any], path) -> tuple[int, int, int]:
     return int(shape[0]), g, b
 
 
-class WeTokARObjective(Objective):
-    data = "tokens"
+class WeTokARObjective(GeneratorObjective):
+    classes_key = "class_num"
 
     def prepare(self) -> None:
-        """Encode the crops when the recipe asks for it, then read the token file's header and labels."""
-        from tokcli.train.token_data import TokenData, ensure_tokens
-
-        ensure_tokens(self.recipe.data, self.recipe.run.seed, device=str(self.device))
-        self.tokens = TokenData(self.recipe.data, seed=self.recipe.run.seed)
+        super().prepare()
         # the reader has checked every id against codebook_size, which token_layout ties to the sub-token tables
         self.layout = token_layout(self.tokens.header, self.tokens.path)
 
@@ -73,39 +69,20 @@ class WeTokARObjective(Objective):
         _, g, b = self.layout
         return [b] * g
 
-    def make_data(self, rank: int = 0, world_size: int = 1):
-        return self.tokens.for_rank(rank, world_size)  # the file prepare() read, not a second read
+    def model_class(self):
+        from tokcli.gen.wetok_ar.model import WeTokAR
+
+        return WeTokAR
 
     def args_from_data(self) -> dict[str, Any]:
-        d, given = self.tokens, dict(self.recipe.model.model_args)
+        given, path = self.recipe.model.model_args, self.tokens.path
         h, g, b = self.layout
-        if "block_size" in given and given["block_size"] != h * h:
-            raise TokUsageError(f"{self.recipe.source}: model_args.block_size = {given['block_size']!r} but the "
-                                f"token file {d.path} has a {h}x{h} grid ({h * h} positions)")
+        self.check_given({"block_size": h * h}, f" ({h}x{h} grid)")
         bits = given.get("factorized_bits", self.group_bits)
         if not isinstance(bits, (list, tuple)) or sum(int(x) for x in bits) != g * b:
             raise TokUsageError(f"{self.recipe.source}: model_args.factorized_bits = {bits!r} must split the "
-                                f"{g * b} bits of a position of {d.path} ({g} groups of {b} bits)")
-        classes = d.num_classes if d.has_labels else 1
-        want = given.get("class_num", classes)
-        if not d.has_labels and want != 1:
-            raise TokUsageError(f"{d.path} has no labels but model_args.class_num = {want} asks for a conditional "
-                                "generator: encode with tok encode --labels folder (or class_num = 1)")
-        if isinstance(want, int) and want < classes:
-            raise TokUsageError(f"{self.recipe.source}: model_args.class_num = {want} but {d.path} has labels "
-                                f"0..{classes - 1}")
-        return {**given, "block_size": h * h, "factorized_bits": list(bits), "class_num": want}
-
-    def build_model(self, model_args: dict | None) -> nn.Module:
-        """The WeTokAR of ``model_args`` (a checkpoint's), else of the recipe completed from the token file."""
-        from tokcli.gen.wetok_ar.model import WeTokAR
-
-        if model_args is None:
-            model_args = self.args_from_data() if hasattr(self, "tokens") else dict(self.recipe.model.model_args)
-        return WeTokAR(**model_args)
-
-    def build_networks(self, model_args: dict | None) -> dict[str, nn.Module]:
-        return {"model": self.build_model(model_args)}
+                                f"{g * b} bits of a position of {path} ({g} groups of {b} bits)")
+        return {**given, "block_size": h * h, "factorized_bits": list(bits), "class_num": self.class_count()}
 
     def subtokens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """A batch's flat ids [B, h h g] (the file's (y, x, group) order) -> the model's k sub-tokens [B, N]."""
@@ -126,32 +103,17 @@ class WeTokARObjective(Objective):
         logs["acc"] = float(sum(hits) / len(hits))
         return total, logs
 
-    # --- export ---------------------------------------------------------------------------------------------
-    def export_model(self, state: dict[str, torch.Tensor], data) -> nn.Module:
-        model = self.model
-        h = self.tokens.header
-        model.tokenizer_ref = {"name": h.get("model"), "sha256": h.get("model_sha256")}
-        return model
-
     def loss_terms(self) -> list[str]:
         a = self.model.model_args
         return [f"sum over {len(a['factorized_bits'])} sub-token heads of the next-token cross-entropy (official; "
                 f"label dropout {a['class_dropout_prob']}, token drop {a['token_drop']})"]
 
     def card_sections(self, model: nn.Module) -> dict[str, str]:
-        h, a, classes = self.tokens.header, model.model_args, self.tokens.classes
-        names = ""
-        if classes:
-            names = ": " + ", ".join(classes[:20]) + ("..." if len(classes) > 20 else "")
+        a = model.model_args
         grid = math.isqrt(a["block_size"])
         return {"Tokenizer and sampling": (
-            f"Samples the ids of the tokenizer `{h.get('model')}` (weights sha256 `{h.get('model_sha256')}`): a "
-            f"{grid}x{grid} grid (raster order) of {sum(a['factorized_bits'])} bits a position, factorised into "
-            f"sub-tokens of {a['factorized_bits']} bits; {a['class_num']} class(es){names}.\n"
+            f"{self.tokenizer_line('ids')}: a {grid}x{grid} grid (raster order) of {sum(a['factorized_bits'])} bits a position, factorised into "
+            f"sub-tokens of {a['factorized_bits']} bits; {a['class_num']} class(es){self.class_names()}.\n"
             f"`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; sampler "
             f"defaults {model.sample_defaults} (KV-cache sampling, per-sub-token CFG u + cfg (c - u), temperature, "
             f"top-k, top-p).")}
-
-    def training_record(self) -> dict[str, Any]:
-        return {"classes": self.tokens.classes, "tokenizer": {"name": self.tokens.header.get("model"),
-                                                              "sha256": self.tokens.header.get("model_sha256")}}
