@@ -36,9 +36,16 @@ def process_group(device) -> Iterator[tuple[int, int, Any]]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield rank, world, device
-    finally:
+    except BaseException:
         if own:
             dist.destroy_process_group()
+        raise
+    if own:
+        # no rank tears its connections down while a peer's last collective may still be reading from them (a
+        # gloo peer closing early can abort the other process at exit); on failure the ranks have already met in
+        # all_ok, so only the normal exit waits here
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gather_objects(obj: Any) -> list:
