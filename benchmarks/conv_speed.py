@@ -170,7 +170,8 @@ def bench_vae(name, size, batch, dev, rounds, warmup) -> dict:
     row.update(summarise(enc, batch, "tok", "diffusers", "encode"))
     row.update(summarise(dec, batch, "tok", "diffusers", "decode"))
     with torch.inference_mode():
-        add_limits(row, {"vae": name, "size": size}, lambda: tok.encode(x[:1]), lambda: tok.decode(lat[:1], clamp=False))
+        add_limits(row, {"vae": name, "size": size}, lambda: tok.encode(x[:1]),
+                   lambda: tok.decode(lat[:1], clamp=False))
     return row
 
 

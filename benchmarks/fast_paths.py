@@ -30,6 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conv_speed import interleaved  # noqa: E402
 
 PATHS = ("channels_last", "compile", "bf16", "batch8")
 
@@ -72,24 +75,27 @@ def changed(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"tokens_changed": (d > tol).float().mean().item(), "latent_maxdiff": d.max().item()}
 
 
-def timed_pair(fns: dict, rounds: int) -> dict:
-    """Seconds per call of each function, interleaved round by round (order rotating)."""
-    names = list(fns)
-    out = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            out[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in out.items()}
-
-
-def bench_model(name: str, x_all: torch.Tensor, rounds: int, paths=PATHS) -> list[dict]:
-    import tokcli
+def timed(prec: str, fn):
+    """``fn`` as one call under precision ``prec`` (inference mode, autocast when bf16), back to fp32 after."""
     from tokcli.core.device import autocast, set_precision
 
-    base = tokcli.load(name, device="cpu")
-    x = x_all
+    def call():
+        set_precision(prec)
+        with torch.inference_mode(), autocast("cpu"):
+            fn()
+        set_precision("fp32")
+    return call
+
+
+def medians(fns: dict, rounds: int) -> dict:
+    """Median seconds per call, after one warm-up call each, interleaved round by round (conv_speed's timer)."""
+    times = interleaved(fns, torch.device("cpu"), rounds, warmup=1)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def bench_model(name: str, base, x: torch.Tensor, rounds: int, paths=PATHS) -> list[dict]:
+    """The rows of model ``name`` (``base``: it as loaded by default) on photos ``x``."""
+    import tokcli
     ref_tok, ref_rec = run(base, x, 1, False)
     ref_psnr = psnr(ref_rec, x)
     rows = [{"model": name, "path": "default", "layout": base.memory_format, "psnr_db": ref_psnr.mean().item(),
@@ -119,30 +125,14 @@ def bench_model(name: str, x_all: torch.Tensor, rounds: int, paths=PATHS) -> lis
         xb = x[:8] if path == "batch8" else one
         nb = len(xb)
 
-        def enc(m, prec, inp):
-            def f():
-                set_precision(prec)
-                with torch.inference_mode(), autocast(x.device):
-                    m.encode(inp)
-                set_precision("fp32")
-            return f
-
-        def dec(m, prec, t):
-            def f():
-                set_precision(prec)
-                with torch.inference_mode(), autocast(x.device):
-                    m.decode(t, seed=0)
-                set_precision("fp32")
-            return f
-
         with torch.inference_mode():
             tb = base.encode(one)
             tp = tok.encode(xb)
         prec = "bf16" if bf16 else "fp32"
-        for f in (enc(base, "fp32", one), enc(tok, prec, xb), dec(base, "fp32", tb), dec(tok, prec, tp)):
-            f()  # warm-up: a new shape's first call sets up its kernels
-        te = timed_pair({"default": enc(base, "fp32", one), "path": enc(tok, prec, xb)}, rounds)
-        td = timed_pair({"default": dec(base, "fp32", tb), "path": dec(tok, prec, tp)}, rounds)
+        te = medians({"default": timed("fp32", lambda: base.encode(one)),
+                      "path": timed(prec, lambda: tok.encode(xb))}, rounds)
+        td = medians({"default": timed("fp32", lambda: base.decode(tb, seed=0)),
+                      "path": timed(prec, lambda: tok.decode(tp, seed=0))}, rounds)
         row["encode_speedup"] = (nb / te["path"]) / (1 / te["default"])
         row["decode_speedup"] = (nb / td["path"]) / (1 / td["default"])
         row["default_encode_img_s"], row["default_decode_img_s"] = 1 / te["default"], 1 / td["default"]
@@ -184,9 +174,8 @@ def main(argv=None):
 
     rows = []
     for name in a.models.split(","):
-        size = tokcli.load(name, device="cpu").image_size
-        x = photos(a.photos, size)
-        rows += bench_model(name, x, a.rounds, paths)
+        base = tokcli.load(name, device="cpu")
+        rows += bench_model(name, base, photos(a.photos, base.image_size), a.rounds, paths)
     print_rows(rows)
     if a.json:
         meta = {"machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,

@@ -93,7 +93,8 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 #: the layout "auto" picks per device type, from measurements (benchmarks/README.md "Convolutional families"): on
 #: this project's CPU, measured quietly and interleaved, channels-last was 0.90-1.05x contiguous for the released
 #: WeTok widths and the MAR / FLUX VAEs and 0.83-1.21x on the tiny demo models, never faster in both directions, so
-#: "auto" keeps contiguous there; on CUDA no measurement was made yet. Channels-last stays one option away, exact (accurate GroupNorm, same tokens).
+#: "auto" keeps contiguous there; on CUDA no measurement was made yet. Channels-last stays one option away, exact
+#: (accurate GroupNorm, same tokens).
 AUTO_MEMORY_FORMAT = {"cpu": "contiguous", "cuda": "contiguous"}
 
 

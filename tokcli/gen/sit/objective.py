@@ -157,9 +157,10 @@ class SiTFlowObjective(GeneratorObjective):
         a, d = model.model_args, self.tokens
         scale = "as stored (normalised)" if (d.mean, d.std) == (0.0, 1.0) else f"(z - {d.mean}) / {d.std}"
         return {"Tokenizer and sampling": (
-            f"{self.tokenizer_line('latents')}: [{a['input_size']}, {a['in_channels']}] floats, trained on {scale}; {a['num_classes']} class(es)"
-            f"{self.class_names()}.\n`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; "
-            f"sampler defaults {model.sample_defaults} (time 1 = noise, 0 = data; CFG u + cfg (c - u)).")}
+            f"{self.tokenizer_line('latents')}: [{a['input_size']}, {a['in_channels']}] floats, trained on {scale}; "
+            f"{a['num_classes']} class(es){self.class_names()}.\n`tok generate -m THIS_FOLDER --class all -n 4 "
+            f"-o out/` decodes through that tokenizer; sampler defaults {model.sample_defaults} (time 1 = noise, "
+            f"0 = data; CFG u + cfg (c - u)).")}
 
     def training_record(self) -> dict[str, Any]:
         return {**super().training_record(), "latent_scale": {"mean": self.tokens.mean, "std": self.tokens.std}}

@@ -112,8 +112,9 @@ class WeTokARObjective(GeneratorObjective):
         a = model.model_args
         grid = math.isqrt(a["block_size"])
         return {"Tokenizer and sampling": (
-            f"{self.tokenizer_line('ids')}: a {grid}x{grid} grid (raster order) of {sum(a['factorized_bits'])} bits a position, factorised into "
-            f"sub-tokens of {a['factorized_bits']} bits; {a['class_num']} class(es){self.class_names()}.\n"
+            f"{self.tokenizer_line('ids')}: a {grid}x{grid} grid (raster order) of {sum(a['factorized_bits'])} bits a "
+            f"position, factorised into sub-tokens of {a['factorized_bits']} bits; {a['class_num']} "
+            f"class(es){self.class_names()}.\n"
             f"`tok generate -m THIS_FOLDER --class all -n 4 -o out/` decodes through that tokenizer; sampler "
             f"defaults {model.sample_defaults} (KV-cache sampling, per-sub-token CFG u + cfg (c - u), temperature, "
             f"top-k, top-p).")}
